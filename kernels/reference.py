@@ -1,0 +1,245 @@
+"""Pure-torch twins of the Triton kernels: the CPU path, the test oracle and the benchmark baseline.
+
+Layout convention, used by every function here and by the Triton launchers with the same names:
+
+- queries ``q``: ``(batch, heads, tokens, head_dim)``; ``heads = kv_heads * group``. The query heads
+  ``h = kvh * group + g`` share KV head ``kvh`` (grouped-query attention, as transformers repeats them).
+- one squeezed corpus layer, shared by every row of the batch (it has no batch dimension):
+  ``keys`` / ``values``: ``(kv_heads, n_keys, head_dim)``. Per KV head, keys ``[0, n_clustered)`` are
+  sorted by cluster, so cluster ``c`` of head ``kvh`` is the contiguous range
+  ``cluster_offsets[kvh, c] : cluster_offsets[kvh, c + 1]``; keys ``[n_clustered, n_keys)`` (the
+  attention sinks and the observation window) are attended by every query, always.
+  RoPE is already inside the keys, so their order does not change attention.
+- ``centroids``: ``(kv_heads, clusters, head_dim)`` float32, the mean of the raw keys of each cluster;
+  ``log_counts``: ``(kv_heads, clusters)`` float32, ``log(N_c)``, ``-inf`` for an empty cluster.
+- dynamic keys/values (the user's question and the generated tokens): ``(batch, kv_heads, tokens, head_dim)``.
+
+Scores, log-sum-exps and partial outputs are float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, KVH, G, T, D) float32, the query heads of one KV head together."""
+    b, h, t, d = q.shape
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads cannot be grouped over {kv_heads} KV heads")
+    return q.float().view(b, kv_heads, h // kv_heads, t, d)
+
+
+def _log_mean_over_queries(log_s: torch.Tensor) -> torch.Tensor:
+    """(B, KVH, G, T, C) -> (B, KVH, C): log of the mean of S over the group's heads and the tokens."""
+    b, kvh, g, t, c = log_s.shape
+    flat = log_s.permute(0, 1, 4, 2, 3).reshape(b, kvh, c, g * t)
+    return torch.logsumexp(flat, dim=-1) - math.log(g * t)
+
+
+def centroid_scores(
+    q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Flat centroid lookup.
+
+    For every query and cluster c, ``S_c = exp(q.C_c * scale) / sum_j N_j exp(q.C_j * scale)`` is the
+    softmax weight one key of cluster c would get. Returns ``log(mean S_c)`` over the group's query heads
+    and the query tokens, shape ``(batch, kv_heads, clusters)`` float32; ``-inf`` for empty clusters.
+    Everything stays in log space, so keys of any magnitude give finite scores.
+    """
+    qg = _group_queries(q, centroids.shape[0])
+    logits = torch.einsum("bkgtd,kcd->bkgtc", qg, centroids.float()) * scale
+    weighted = logits + log_counts[None, :, None, None, :]
+    log_s = logits - torch.logsumexp(weighted, dim=-1, keepdim=True)
+    log_s = log_s.masked_fill(torch.isinf(log_counts)[None, :, None, None, :], NEG_INF)
+    return _log_mean_over_queries(log_s)
+
+
+def hierarchical_centroid_scores(
+    q: torch.Tensor,
+    l1_centroids: torch.Tensor,
+    l1_log_counts: torch.Tensor,
+    l1_offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    l1_log_threshold: float,
+) -> torch.Tensor:
+    """Two-level lookup that never scores the level-2 centroids of pruned level-1 clusters.
+
+    ``l1_centroids``: ``(kv_heads, l1_clusters, head_dim)``; ``l1_log_counts``: log of the number of keys
+    under each level-1 cluster; ``l1_offsets``: ``(kv_heads, l1_clusters + 1)`` int64, the level-2 clusters
+    are sorted by parent so level-1 cluster ``p`` owns level-2 clusters ``l1_offsets[kvh, p] : l1_offsets[kvh, p+1]``.
+
+    Level 1 is scored like :func:`centroid_scores`; the level-1 clusters whose score passes
+    ``l1_log_threshold`` are expanded. Each expanded level-2 cluster gets
+    ``S_c = exp(l_c) / (sum over scored level-2 j of N_j exp(l_j) + sum over pruned level-1 p of N_p exp(l_p))``:
+    the denominator is exact over what was scored and estimated by the level-1 centroids elsewhere.
+    Returns ``(batch, kv_heads, clusters)`` float32 log scores, ``-inf`` for clusters never scored.
+    """
+    kvh, n_l1, d = l1_centroids.shape
+    n_l2 = centroids.shape[1]
+    qg = _group_queries(q, kvh)  # B, KVH, G, T, D
+    b, _, g, t, _ = qg.shape
+    l1_logits = torch.einsum("bkgtd,kpd->bkgtp", qg, l1_centroids.float()) * scale
+    l1_weighted = l1_logits + l1_log_counts[None, :, None, None, :]
+    l1_log_s = l1_logits - torch.logsumexp(l1_weighted, dim=-1, keepdim=True)
+    l1_log_s = l1_log_s.masked_fill(torch.isinf(l1_log_counts)[None, :, None, None, :], NEG_INF)
+    l1_keep = _log_mean_over_queries(l1_log_s) >= l1_log_threshold  # B, KVH, P
+
+    # parent of every level-2 cluster, from the offsets
+    sizes = (l1_offsets[:, 1:] - l1_offsets[:, :-1]).long()  # KVH, P
+    parent = torch.repeat_interleave(
+        torch.arange(n_l1, device=q.device).expand(kvh, n_l1).reshape(-1), sizes.reshape(-1)
+    ).view(kvh, n_l2)
+    expand = torch.gather(l1_keep, 2, parent.unsqueeze(0).expand(b, kvh, n_l2))  # B, KVH, C
+    expand &= ~torch.isinf(log_counts)[None]
+
+    # Score only the expanded level-2 centroids: gather them, one dot product each.
+    bi, ki, ci = expand.nonzero(as_tuple=True)
+    logits = torch.full((b, kvh, g, t, n_l2), NEG_INF, device=q.device, dtype=torch.float32)
+    if ci.numel():
+        cent = centroids.float()[ki, ci]  # M, D
+        dots = torch.einsum("mgtd,md->mgt", qg[bi, ki], cent) * scale
+        logits[bi, ki, :, :, ci] = dots
+    # denominator: scored level-2 clusters exactly + pruned level-1 clusters by their centroid
+    den_l2 = torch.logsumexp(logits + log_counts[None, :, None, None, :], dim=-1)
+    pruned = ~l1_keep
+    den_l1 = torch.logsumexp(
+        l1_weighted.masked_fill(~pruned[:, :, None, None, :], NEG_INF), dim=-1
+    )
+    den = torch.logaddexp(den_l2, den_l1)
+    log_s = logits - den.unsqueeze(-1)
+    out = _log_mean_over_queries(log_s)
+    return out.masked_fill(~expand, NEG_INF)
+
+
+def select_clusters(
+    log_scores: torch.Tensor,
+    log_counts: torch.Tensor,
+    log_threshold: float | None = None,
+    budget_keys: int | None = None,
+) -> torch.Tensor:
+    """Scores -> which clusters to load, ``(batch, kv_heads, clusters)`` bool.
+
+    Threshold mode (``log_threshold``): every cluster whose score passes the calibrated global threshold.
+    Fixed-budget mode (``budget_keys``): per (row, KV head), the best clusters in score order while
+    their keys fit in ``budget_keys`` (the first cluster that does not fit is dropped, smaller later
+    ones may still fit is not attempted: the cut is a prefix of the ranking).
+    Exactly one of the two must be given. Empty and never-scored clusters are never selected.
+    """
+    if (log_threshold is None) == (budget_keys is None):
+        raise ValueError("give exactly one of log_threshold and budget_keys")
+    valid = ~torch.isinf(log_scores) & ~torch.isinf(log_counts)[None]
+    if log_threshold is not None:
+        return valid & (log_scores >= log_threshold)
+    order = torch.sort(log_scores.masked_fill(~valid, NEG_INF), dim=-1, descending=True).indices
+    counts = torch.exp(log_counts).expand_as(log_scores)
+    sorted_counts = torch.gather(counts, 2, order) * torch.gather(valid, 2, order)
+    fits = torch.cumsum(sorted_counts, dim=-1) <= budget_keys + 0.5
+    selected = torch.zeros_like(valid)
+    selected.scatter_(2, order, fits)
+    return selected & valid
+
+
+def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Selected clusters -> ``(batch, kv_heads, n_keys)`` bool over the corpus keys, always-kept keys True."""
+    b, kvh, c = selected.shape
+    sizes = (cluster_offsets[:, 1:] - cluster_offsets[:, :-1]).long()  # KVH, C
+    n_clustered = int(cluster_offsets[0, -1])
+    cluster_of_key = torch.repeat_interleave(
+        torch.arange(c, device=selected.device).expand(kvh, c).reshape(-1), sizes.reshape(-1)
+    ).view(kvh, n_clustered)
+    mask = torch.ones(b, kvh, n_keys, dtype=torch.bool, device=selected.device)
+    mask[:, :, :n_clustered] = torch.gather(selected, 2, cluster_of_key.unsqueeze(0).expand(b, kvh, n_clustered))
+    return mask
+
+
+def _masked_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """qg (B,KVH,G,T,D) f32, k/v (B|1,KVH,M,D), mask broadcastable to (B,KVH,G,T,M) -> out, lse."""
+    s = torch.einsum("bkgtd,bkmd->bkgtm", qg, k.float()) * scale
+    s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)  # -inf where no key
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)
+    out = torch.einsum("bkgtm,bkmd->bkgtd", p, v.float())
+    return out, lse
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    selected: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of ``q`` over the keys of the selected clusters plus the always-kept keys.
+
+    ``cluster_offsets``: ``(kv_heads, clusters + 1)``; keys at and after ``cluster_offsets[:, -1]`` are
+    always attended. ``selected``: ``(batch, kv_heads, clusters)`` bool, one selection for all tokens of
+    a row. Returns ``out (batch, heads, tokens, head_dim)`` float32 (normalised within this part) and
+    ``lse (batch, heads, tokens)`` float32; a query with no key at all gets ``out = 0``, ``lse = -inf``.
+    """
+    b, h, t, d = q.shape
+    kvh, n, _ = keys.shape
+    qg = _group_queries(q, kvh)
+    mask = cluster_key_mask(selected, cluster_offsets, n)[:, :, None, None, :]
+    out, lse = _masked_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), mask, scale)
+    return out.reshape(b, h, t, d), lse.reshape(b, h, t)
+
+
+def causal_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal attention over the dynamic tokens, with its log-sum-exp.
+
+    ``keys`` / ``values``: ``(batch, kv_heads, m, head_dim)``, ``m >= tokens``; the ``tokens`` queries are
+    the last ``tokens`` positions of those ``m`` (query ``i`` sees keys ``0 .. m - tokens + i``).
+    Returns ``out (batch, heads, tokens, head_dim)`` and ``lse (batch, heads, tokens)``, float32.
+    """
+    b, h, t, d = q.shape
+    m = keys.shape[2]
+    qg = _group_queries(q, keys.shape[1])
+    qpos = torch.arange(m - t, m, device=q.device)
+    causal = torch.arange(m, device=q.device)[None, :] <= qpos[:, None]  # T, M
+    out, lse = _masked_attention(qg, keys, values, causal, scale)
+    return out.reshape(b, h, t, d), lse.reshape(b, h, t)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets (FlashAttention's block merge).
+
+    ``out_*``: ``(batch, heads, tokens, head_dim)``, ``lse_*``: ``(batch, heads, tokens)``. A part with
+    ``lse = -inf`` (no keys) contributes nothing.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a * w_a + out_b * w_b, lse
+
+
+def squeezed_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    selected: torch.Tensor,
+    dyn_keys: torch.Tensor,
+    dyn_values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The whole online attention: sparse corpus part merged with the dense causal dynamic part.
+
+    Returns ``(batch, heads, tokens, head_dim)`` in ``q``'s dtype.
+    """
+    o_s, l_s = sparse_attention(q, keys, values, cluster_offsets, selected, scale)
+    o_d, l_d = causal_attention(q, dyn_keys, dyn_values, scale)
+    out, _ = merge_attention(o_s, l_s, o_d, l_d)
+    return out.to(q.dtype)

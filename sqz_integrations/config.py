@@ -1,0 +1,78 @@
+"""One frozen configuration, validated once and handed down to every part of the engine."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SELECTIONS = ("threshold", "fixed")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_budget(kv_budget: float, name: str = "kv_budget") -> float:
+    """A KV budget is the fraction of corpus keys a query attends to: in (0, 1]."""
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {kv_budget!r}")
+    if not 0.0 < float(kv_budget) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {kv_budget}")
+    return float(kv_budget)
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    """How a corpus is squeezed and read.
+
+    kv_budget: fraction of the corpus's keys a query attends to (the sinks and the observation window
+        included, the centroid reads not); ``1.0`` is exact full-KV reuse. Can be overridden per call.
+    selection: ``"threshold"`` keeps the clusters whose score passes one global threshold calibrated
+        on the corpus to hit ``kv_budget`` on average (heads that need more keys get more);
+        ``"fixed"`` keeps, for every KV head, the best clusters up to exactly the budget.
+    cluster_fraction: level-2 clusters per clustered key (the paper: ~5%).
+    hierarchical: build level-1 centroids too and use the two-level lookup by default.
+    l1_cluster_fraction: level-1 clusters per clustered key (the paper: ~1%).
+    l1_recall: fraction of the kept keys (on the calibration queries) that the level-1 threshold
+        must preserve; lower prunes more level-2 centroids.
+    observation_window: the last tokens of the corpus, always attended and used for calibration.
+    kmeans_iters / seed: K-means iterations and seed (the same seed gives the same clusters).
+    prefill_chunk: corpus tokens per prefill step (bounds the memory of the offline pass).
+    backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
+    system_prompt: the system message placed before the corpus in the chat template.
+    """
+
+    kv_budget: float = 0.25
+    selection: str = "threshold"
+    cluster_fraction: float = 0.05
+    hierarchical: bool = False
+    l1_cluster_fraction: float = 0.01
+    l1_recall: float = 0.99
+    observation_window: int = 100
+    kmeans_iters: int = 20
+    seed: int = 0
+    prefill_chunk: int = 512
+    backend: str = "auto"
+    system_prompt: str = (
+        "You are a helpful assistant. Answer the question using the documents provided."
+    )
+
+    def __post_init__(self) -> None:
+        check_budget(self.kv_budget)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0.0 < self.cluster_fraction <= 1.0:
+            raise ValueError(f"cluster_fraction must be in (0, 1], got {self.cluster_fraction}")
+        if not 0.0 < self.l1_cluster_fraction <= self.cluster_fraction:
+            raise ValueError(
+                f"l1_cluster_fraction must be in (0, cluster_fraction={self.cluster_fraction}], "
+                f"got {self.l1_cluster_fraction}"
+            )
+        if not 0.0 < self.l1_recall <= 1.0:
+            raise ValueError(f"l1_recall must be in (0, 1], got {self.l1_recall}")
+        for name in ("observation_window", "kmeans_iters", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "observation_window" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def replace(self, **changes) -> "SqueezeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,345 @@
+"""SqueezedEngine: ``add_corpus`` once (the plan: prefill, cluster, calibrate), ``generate`` many times.
+
+The model is an ordinary transformers causal LM whose attention is dispatched, through the public
+attention registry, to :func:`~sqz_integrations.attention.squeezed_attention_forward`. A question
+runs with the model's own cache holding only its dynamic tokens (question + answer) at positions
+after the corpus; every layer reads the corpus through a :class:`~sqz_integrations.selection.CorpusRead`.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from sqz_kernels import get_backend
+
+from . import attention
+from .calibration import Calibration
+from .config import SqueezeConfig
+from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
+from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
+from .prompting import CorpusDocument, Prompt, PromptLayout, as_documents, document_block
+from .selection import CorpusRead, ReadPlan
+
+logger = logging.getLogger(__name__)
+
+
+class SqueezedEngine:
+    """One model in memory serving any number of squeezed corpora.
+
+    Args:
+        model: a transformers causal LM (any family that uses the attention registry).
+        tokenizer: its tokenizer; the chat template, if any, places the corpus.
+        config: how corpora are squeezed and read (:class:`SqueezeConfig`).
+    """
+
+    def __init__(self, model, tokenizer, config: SqueezeConfig | None = None):
+        self.config = config or SqueezeConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model.eval()
+        self.model.set_attn_implementation(attention.register())
+        self.layout = PromptLayout(tokenizer, self.config.system_prompt)
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed the cache argument; older releases call it past_key_values.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._corpora: dict[str, SqueezedCorpus] = {}
+        self._lock = threading.Lock()
+        self._eos_ids = self._end_of_turn_ids()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls, model_name_or_path: str | None = None, *, config: SqueezeConfig | None = None, **hf_kwargs
+    ) -> "SqueezedEngine":
+        """Load a causal LM and its tokenizer; with no name, the embedded SmolLM2-135M-Instruct.
+
+        ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``, ``device_map``, ...).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if model_name_or_path is None:
+            from .default_model import default_model_dir
+
+            model_name_or_path = str(default_model_dir())
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **hf_kwargs)
+        return cls(model, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def model_name(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
+        return name.rstrip("/").split("/")[-1]
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, (list, tuple)) else [source])
+        return ids
+
+    def backend(self):
+        """The kernel module in use: the Triton launchers on CUDA, the torch twins otherwise."""
+        return get_backend(self.config.backend, self.device.type)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.layout.encode(text))
+
+    # ------------------------------------------------------------------ corpora
+    @property
+    def corpora(self) -> dict[str, SqueezedCorpus]:
+        with self._lock:
+            return dict(self._corpora)
+
+    def get_corpus(self, name: str) -> SqueezedCorpus:
+        with self._lock:
+            if name not in self._corpora:
+                known = ", ".join(repr(n) for n in self._corpora) or "none"
+                raise KeyError(f"no corpus named {name!r} (loaded: {known}); add it with engine.add_corpus()")
+            return self._corpora[name]
+
+    def remove_corpus(self, name: str) -> None:
+        self.get_corpus(name)
+        with self._lock:
+            del self._corpora[name]
+
+    def add_corpus(
+        self,
+        name: str,
+        documents: Sequence[str | CorpusDocument],
+        *,
+        progress: bool = True,
+        replace: bool = False,
+        config: SqueezeConfig | None = None,
+    ) -> SqueezedCorpus:
+        """Prefill the documents once, cluster every layer's keys and calibrate the threshold.
+
+        ``config`` overrides the engine's for this corpus (e.g. ``hierarchical=True``). An existing
+        corpus of the same name is kept unless ``replace=True``.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a corpus needs a non-empty string name, got {name!r}")
+        with self._lock:
+            if name in self._corpora and not replace:
+                raise ValueError(f"a corpus named {name!r} exists; pass replace=True to rebuild it")
+        cfg = config or self.config
+        docs = as_documents(documents)
+        start = time.perf_counter()
+        header_ids = self.layout.encode(self.layout.header_text)
+        ids, token_doc, spans = list(header_ids), [-1] * len(header_ids), []
+        for i, doc in enumerate(docs):
+            piece = self.layout.encode(document_block(i, doc))
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+            token_doc += [i] * len(piece)
+        if self.context_window and len(ids) >= self.context_window:
+            raise ValueError(
+                f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
+            )
+        clustered, always = split_tokens(len(ids), len(header_ids), cfg.observation_window)
+        capture = attention.CorpusCapture(len(ids), window=max(1, len(always) - len(header_ids)))
+        self._prefill(ids, capture, cfg.prefill_chunk, progress, name)
+        layers = []
+        token_doc_t = torch.tensor(token_doc)
+        n_layers = self.model.config.num_hidden_layers
+        for l in tqdm(range(n_layers), desc=f"clustering {name}", disable=not progress, leave=False):
+            layers.append(
+                squeeze_layer(
+                    capture.keys.pop(l), capture.values.pop(l), clustered.to(self.device),
+                    always.to(self.device), token_doc_t, len(docs), cfg, seed=cfg.seed + l,
+                )
+            )
+        calibration = Calibration([capture.window_queries(l) for l in range(n_layers)], layers, capture.scale, len(ids))
+        corpus = SqueezedCorpus(
+            name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, time.perf_counter() - start
+        )
+        with self._lock:
+            self._corpora[name] = corpus
+        logger.info("corpus %r: %d tokens, %d clusters per head, built in %.1fs", name, len(ids), corpus.n_clusters, corpus.build_seconds)
+        return corpus
+
+    @torch.inference_mode()
+    def _prefill(self, ids: list[int], capture: attention.CorpusCapture, chunk: int, progress: bool, name: str) -> None:
+        cache = DynamicCache()
+        all_ids = torch.tensor([ids], device=self.device)
+        for start in tqdm(range(0, len(ids), chunk), desc=f"prefilling {name}", disable=not progress, leave=False):
+            capture.position = start
+            self.model(
+                input_ids=all_ids[:, start : start + chunk],
+                use_cache=True,
+                squeeze=capture,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
+        missing = [l for l in range(self.model.config.num_hidden_layers) if l not in capture.keys]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not dispatch through the attention registry")
+
+    # ------------------------------------------------------------------ questions
+    def prompt_ids(self, prompt: Prompt, corpus: str) -> list[int]:
+        """The exact token ids of the full prompt a question stands for (corpus included)."""
+        c = self.get_corpus(corpus)
+        return list(c.token_ids) + self.layout.suffix_ids(prompt)
+
+    def _plan(self, corpus: SqueezedCorpus, kv_budget, hierarchical, selection) -> ReadPlan:
+        return ReadPlan.make(corpus, get_backend(corpus.config.backend, self.device.type), kv_budget, hierarchical, selection)
+
+    def _forward(self, ids: list[int], position: int, cache, read: CorpusRead, all_logits: bool = False):
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = torch.arange(position, position + len(ids), device=self.device).unsqueeze(0)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=True,
+            squeeze=read,
+            logits_to_keep=0 if all_logits else 1,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def _events(
+        self, prompt: Prompt, corpus: str, params: SamplingParams, kv_budget, hierarchical, selection
+    ) -> Iterator:
+        """Yields text pieces, then the :class:`Answer`."""
+        start = time.perf_counter()
+        c = self.get_corpus(corpus)
+        suffix = self.layout.suffix_ids(prompt)
+        plan = self._plan(c, kv_budget, hierarchical, selection)
+        read = CorpusRead(c, plan)
+        sampler = Sampler(params, self.device)
+        text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        cache = DynamicCache()
+        position, feed, first_token_time, finish = c.n_tokens, suffix, None, "length"
+        for _ in range(params.max_new_tokens):
+            logits = self._forward(feed, position, cache, read)
+            position += len(feed)
+            token = sampler(logits[-1])
+            if first_token_time is None:
+                first_token_time = time.perf_counter() - start
+            if token in self._eos_ids:
+                finish = "stop"
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
+            feed = [token]
+        tail = text.finish()
+        if tail:
+            yield tail
+        read.commit()
+        yield Answer(
+            text=text.text,
+            token_ids=list(text.ids),
+            finish_reason=finish,
+            corpus=corpus,
+            prompt_tokens=len(suffix),
+            corpus_tokens=c.n_tokens,
+            completion_tokens=len(text.ids),
+            kv_budget=plan.kv_budget,
+            kept_fraction=read.kept_fraction(),
+            kept_fraction_per_layer=read.kept_per_layer(),
+            centroid_reads=float(read.centroids_scored) / max(1, sum(read.steps)) / (c.layers[0].keys.shape[0] * c.n_tokens),
+            time_to_first_token=first_token_time or 0.0,
+            total_time=time.perf_counter() - start,
+            sources=self._sources(c, read),
+        )
+
+    def _sources(self, corpus: SqueezedCorpus, read: CorpusRead) -> list[SourceScore]:
+        mass = read.doc_mass.cpu()
+        total = float(mass.sum())
+        if total <= 0:
+            return []
+        order = torch.argsort(mass, descending=True).tolist()
+        return [
+            SourceScore(i, float(mass[i]) / total, dict(corpus.documents[i].metadata), corpus.documents[i].text)
+            for i in order
+            if mass[i] > 0
+        ]
+
+    def stream_answer(
+        self,
+        prompt: Prompt,
+        corpus: str,
+        max_new_tokens: int = 256,
+        *,
+        kv_budget: float | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        hierarchical: bool | None = None,
+        selection: str | None = None,
+    ) -> AnswerStream:
+        """Stream an answer: iterate for text pieces; ``.answer`` holds the :class:`Answer` afterwards.
+
+        ``prompt`` is a question or a list of chat messages (``{"role", "content"}``); the chat history
+        is the dynamic part, the corpus is fixed. ``kv_budget``/``hierarchical``/``selection`` override
+        the corpus's configuration for this call only. Decoding is greedy unless ``temperature > 0``.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+        self.get_corpus(corpus)  # fail now, not at the first iteration
+        return AnswerStream(self._events(prompt, corpus, params, kv_budget, hierarchical, selection))
+
+    def answer(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Answer:
+        """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments)."""
+        stream = self.stream_answer(prompt, corpus, max_new_tokens, **kwargs)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
+        """The answer's text (see :meth:`stream_answer` for the arguments)."""
+        return self.answer(prompt, corpus, max_new_tokens, **kwargs).text
+
+    def stream(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """Text pieces as they are decoded (see :meth:`stream_answer` for the arguments)."""
+        yield from self.stream_answer(prompt, corpus, max_new_tokens, **kwargs)
+
+    @torch.inference_mode()
+    def score_continuation(
+        self,
+        corpus: str,
+        text: str | Sequence[int],
+        *,
+        kv_budget: float | None = None,
+        hierarchical: bool | None = None,
+        selection: str | None = None,
+        per_token: bool = True,
+    ) -> torch.Tensor:
+        """Log-probabilities ``(len(ids) - 1, vocab)`` of each next token of ``text`` placed right
+        after the corpus (no chat template): row ``i`` predicts token ``i + 1``.
+
+        ``per_token=True`` feeds one token at a time, re-selecting at every step as decoding does;
+        ``False`` reads the whole continuation in one pass with one selection.
+        """
+        c = self.get_corpus(corpus)
+        ids = self.layout.encode(text) if isinstance(text, str) else list(text)
+        if len(ids) < 2:
+            raise ValueError("the continuation needs at least two tokens")
+        read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection), track_sources=False)
+        cache = DynamicCache()
+        if per_token:
+            rows = [self._forward([t], c.n_tokens + i, cache, read) for i, t in enumerate(ids[:-1])]
+            logits = torch.cat(rows)
+        else:
+            logits = self._forward(ids[:-1], c.n_tokens, cache, read, all_logits=True)
+        return torch.log_softmax(logits.float(), dim=-1)
