@@ -1,0 +1,450 @@
+"""Kernel benchmark (issue 3): the whole squeezed-attention path against dense SDPA and FlexAttention.
+
+Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, bf16); one layer; a fixed corpus
+of N in {32K, 128K, 512K} tokens with 5% level-2 clusters (1% level-1), the last 100 tokens always
+attended, ~10% of the clustered keys kept by a global threshold. Modes: decode (1 token, batch 1 and
+batch 8 sharing one corpus, 1024 dynamic tokens) and prefill (1024 user-input tokens, batch 1).
+
+Timed (median of ``triton.testing.do_bench``):
+- ``ours``: lookup (flat or hierarchical) + selection + work list + sparse attention + causal dynamic
+  part + merge, as one CUDA graph (the path has no host sync) and eagerly;
+- its parts: lookup alone, selection + work list, attention alone;
+- ``sdpa``: torch SDPA's default backend (cuDNN on the H200) with ``enable_gqa=True`` over corpus +
+  dynamic keys (no mask: every query sees every key, as the dense reference numbers in environment.md);
+- ``sdpa_fa2``: the same with the FlashAttention-2 backend (the paper's baseline);
+- ``flex``: compiled FlexAttention over corpus + dynamic keys, given the same selection as a block mask
+  (128-key blocks that hold any selected key) plus a mask_mod for the exact keys.
+Also the achieved bandwidth (bytes that had to move / time) against a measured device copy, and the
+recall of the flat selection by the hierarchical one.
+
+The corpus is synthetic but really clustered (keys drawn around level-2 centres drawn around level-1
+centres, uneven lognormal cluster sizes, some empty), built on the GPU in seconds.
+
+Writes ``benchmarks/results/kernels_<date>.json`` and ``.md``; prints a short table last.
+Usage: ``python benchmarks/bench_kernels.py [--sizes 32768 131072 524288] [--sweep] [--no-flex]``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from sqz_kernels import triton_ops as tri
+from sqz_kernels.lookup import LookupConfig
+from sqz_kernels.sparse_attention import AttentionConfig
+
+KVH, G, D = 8, 4, 128
+H = KVH * G
+WINDOW = 100
+CLUSTER_FRAC, L1_FRAC, KEEP_FRAC = 0.05, 0.01, 0.10
+DYN = 1024
+DTYPE = torch.bfloat16
+RESULTS = Path(__file__).parent / "results"
+DEV = "cuda"  # "cpu" with --cpu-smoke (TRITON_INTERPRET=1, tiny sizes): a dry run of this script's code
+
+
+# ------------------------------------------------------------------------------------------ corpus
+def _offsets(kvh, n_parts, total, gen, sigma):
+    """(kvh, n_parts + 1) int64 boundaries with lognormal-uneven sizes (some empty), summing to total."""
+    w = torch.exp(torch.randn(kvh, n_parts, generator=gen, device=DEV) * sigma)
+    cum = torch.round(torch.cumsum(w, 1) / w.sum(1, keepdim=True) * total).long()
+    cum[:, -1] = total
+    return torch.cat([torch.zeros(kvh, 1, dtype=torch.long, device=DEV), cum], 1)
+
+
+def make_corpus(n: int, seed: int = 0) -> dict:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    n_cl = n - WINDOW
+    c, p = round(CLUSTER_FRAC * n), round(L1_FRAC * n)
+    l1_offsets = _offsets(KVH, p, c, gen, 0.5)  # level-2 clusters per level-1 cluster
+    offsets = _offsets(KVH, c, n_cl, gen, 0.8)  # keys per level-2 cluster
+    l1_sizes, sizes = l1_offsets.diff(dim=1), offsets.diff(dim=1)
+    keys = torch.empty(KVH, n, D, dtype=DTYPE, device=DEV)
+    cent = torch.empty(KVH, c, D, dtype=torch.float32, device=DEV)
+    l1_cent = torch.empty(KVH, p, D, dtype=torch.float32, device=DEV)
+    for h in range(KVH):
+        c1 = torch.randn(p, D, generator=gen, device=DEV)
+        parent = torch.repeat_interleave(torch.arange(p, device=DEV), l1_sizes[h])
+        c2 = c1[parent] + 0.7 * torch.randn(c, D, generator=gen, device=DEV)
+        owner = torch.repeat_interleave(torch.arange(c, device=DEV), sizes[h])
+        kh = torch.randn(n, D, generator=gen, device=DEV) * 0.6
+        kh[:n_cl] += c2[owner]
+        keys[h] = kh.to(DTYPE)
+        # centroids: the mean of the raw (stored, bf16) keys of each cluster; empty -> 0, never NaN
+        sums = torch.zeros(c, D, device=DEV).index_add_(0, owner, keys[h, :n_cl].float())
+        cent[h] = sums / sizes[h].clamp_min(1).unsqueeze(1)
+        w = sizes[h].float()
+        s1 = torch.zeros(p, D, device=DEV).index_add_(0, parent, cent[h] * w[:, None])
+        n1 = torch.zeros(p, device=DEV).index_add_(0, parent, w)
+        l1_cent[h] = s1 / n1.clamp_min(1).unsqueeze(1)
+    l1_counts = torch.zeros(KVH, p, device=DEV)
+    for h in range(KVH):
+        parent = torch.repeat_interleave(torch.arange(p, device=DEV), l1_sizes[h])
+        l1_counts[h].index_add_(0, parent, sizes[h].float())
+    values = torch.randn(KVH, n, D, generator=gen, device=DEV).to(DTYPE)
+    return dict(
+        n=n, keys=keys, values=values, offsets=offsets, centroids=cent, log_counts=torch.log(sizes.float()),
+        # the lookup reads its centroids in the KV dtype: half the bytes of float32 (built once, with the corpus)
+        centroids_kv=cent.to(DTYPE), l1_centroids=l1_cent, l1_centroids_kv=l1_cent.to(DTYPE),
+        l1_log_counts=torch.log(l1_counts), l1_offsets=l1_offsets, n_clustered=n_cl,
+    )
+
+
+def global_threshold(scores: torch.Tensor, log_counts: torch.Tensor, frac: float) -> float:
+    """The score above which clusters hold ``frac`` of all clustered keys (over rows and heads)."""
+    counts = torch.exp(log_counts).unsqueeze(0).expand_as(scores).reshape(-1)
+    s = scores.reshape(-1)
+    order = torch.argsort(s, descending=True)
+    cum = torch.cumsum(counts[order], 0)
+    k = int(torch.searchsorted(cum, frac * cum[-1]))
+    return float(s[order[min(k, s.numel() - 1)]])
+
+
+def kept_keys(selected: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Selected keys per (row, KV head), the always-attended tail excluded."""
+    return (selected * offsets.diff(dim=1).unsqueeze(0)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------- timing
+def bench(fn, graph: bool = False) -> float:
+    """Median milliseconds; ``graph=True`` captures ``fn`` in a CUDA graph and times its replays."""
+    if DEV == "cpu":  # smoke run: one call, wall clock
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    if graph:
+        fn()
+        torch.cuda.synchronize()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (TB/s)."""
+    if DEV == "cpu":
+        return float("nan")
+    x = torch.empty(2 << 30, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    del x, y
+    return 2 * (2 << 30) / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------- one case
+def flex_block_mask(key_mask: torch.Tensor, n: int, t: int, m: int):
+    """The selection as a FlexAttention BlockMask over [corpus | dynamic], 128-key blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = 128
+    b = key_mask.shape[0]
+    nb_c = n // bs
+    blk = key_mask.view(b, KVH, nb_c, bs)
+    any_c, all_c = blk.any(-1), blk.all(-1)  # B, KVH, NBc
+    qb = triton.cdiv(t, bs)
+    nb_d = triton.cdiv(m, bs)
+    # dynamic blocks: causal (bottom-right aligned); query q sees dyn key j when j <= q + m - t
+    q_first = torch.arange(qb, device=DEV) * bs
+    q_last = torch.clamp(q_first + bs - 1, max=t - 1)
+    j_first = torch.arange(nb_d, device=DEV) * bs
+    j_last = torch.clamp(j_first + bs - 1, max=m - 1)
+    d_any = j_first[None, :] <= (q_last[:, None] + m - t)
+    d_all = (j_last[None, :] <= (q_first[:, None] + m - t)) & (j_last[None, :] - j_first[None, :] == bs - 1)
+    part = torch.cat([(any_c & ~all_c)[:, :, None, :].expand(b, KVH, qb, nb_c),
+                      (d_any & ~d_all)[None, None].expand(b, KVH, qb, nb_d)], -1)
+    full = torch.cat([all_c[:, :, None, :].expand(b, KVH, qb, nb_c),
+                      d_all[None, None].expand(b, KVH, qb, nb_d)], -1)
+
+    def lists(mask):
+        mask = mask.repeat_interleave(G, 1)  # to query heads
+        num = mask.sum(-1).to(torch.int32)
+        idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    km = key_mask
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        in_corpus = kv_idx < n
+        kc = torch.clamp(kv_idx, max=n - 1)
+        return torch.where(in_corpus, km[bi, hi // G, kc], (kv_idx - n) <= (q_idx + m - t))
+
+    num, idx = lists(part)
+    fnum, fidx = lists(full)
+    return BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(t, n + m))
+
+
+def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
+    n = corpus["n"]
+    t = 1 if mode == "decode" else 1024
+    scale = D ** -0.5
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    t = min(t, DYN)
+    q = (torch.randn(batch, H, t, D, generator=gen, device=DEV) * 1.5).to(DTYPE)
+    dk = torch.randn(batch, KVH, DYN, D, generator=gen, device=DEV).to(DTYPE)
+    dv = torch.randn(batch, KVH, DYN, D, generator=gen, device=DEV).to(DTYPE)
+    keys, values, offs = corpus["keys"], corpus["values"], corpus["offsets"]
+    cent, logn = corpus["centroids_kv"], corpus["log_counts"]
+    l1c, l1n, l1o = corpus["l1_centroids_kv"], corpus["l1_log_counts"], corpus["l1_offsets"]
+    rec = dict(n=n, mode=mode, batch=batch, tokens=t)
+
+    # calibration (outside the timings): a global threshold keeping ~10% of the clustered keys
+    flat_scores = tri.centroid_scores(q, cent, logn, scale)
+    thr = global_threshold(flat_scores, logn, KEEP_FRAC)
+    l1_scores = tri.centroid_scores(q, l1c, l1n, scale)
+    l1_thr = global_threshold(l1_scores, l1n, args.l1_keep)
+    sel_flat = tri.select_clusters(flat_scores, logn, log_threshold=thr)
+    hier_scores = tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, l1_thr)
+    # the hierarchical scores estimate the pruned part of the denominator by level-1 centroids (smaller:
+    # Jensen), so they run higher than the flat ones: its own global threshold keeps the same 10%
+    thr_h = global_threshold(hier_scores, logn, KEEP_FRAC)
+    sel_hier = tri.select_clusters(hier_scores, logn, log_threshold=thr_h)
+    flat_keys = kept_keys(sel_flat, offs).float()
+    both_keys = kept_keys(sel_flat & sel_hier, offs).float()
+    rec["kept_frac"] = float(flat_keys.sum() / (batch * KVH * corpus["n_clustered"]))
+    rec["kept_frac_hier"] = float(kept_keys(sel_hier, offs).float().sum() / (batch * KVH * corpus["n_clustered"]))
+    rec["hier_recall"] = float(both_keys.sum() / flat_keys.sum().clamp_min(1))
+    hier_keys = kept_keys(sel_hier, offs).float()
+    rec["l1_expanded_frac"] = float((l1_scores >= l1_thr).float().mean())
+
+    # exactness on this case: ours vs the torch twin (sparse + causal + merge)
+    from sqz_kernels import reference as ref
+    if n <= 131072 and mode == "decode":
+        got = tri.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
+        want = ref.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
+        rec["max_abs_err_vs_twin"] = float((got - want).abs().max())
+
+    def ours(hier: bool):
+        def fn():
+            if hier:
+                s = tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, l1_thr)
+            else:
+                s = tri.centroid_scores(q, cent, logn, scale)
+            sel = tri.select_clusters(s, logn, log_threshold=thr_h if hier else thr)
+            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale)
+        return fn
+
+    t_ = {}
+    t_["ours_flat"] = bench(ours(False), graph=True)
+    t_["ours_hier"] = bench(ours(True), graph=True)
+    t_["ours_flat_eager"] = bench(ours(False))
+    t_["lookup_flat"] = bench(lambda: tri.centroid_scores(q, cent, logn, scale), graph=True)
+    t_["lookup_hier"] = bench(lambda: tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, l1_thr),
+                              graph=True)
+    t_["lookup_flat_fp32_centroids"] = bench(lambda: tri.centroid_scores(q, corpus["centroids"], logn, scale),
+                                             graph=True)
+    t_["select_worklist"] = bench(lambda: tri.build_worklist(tri.select_clusters(flat_scores, logn, log_threshold=thr),
+                                                             offs, n), graph=True)
+    wl = tri.build_worklist(sel_flat, offs, n)
+    t_["attention"] = bench(lambda: tri.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale,
+                                                           worklist=wl), graph=True)
+    budget = int(KEEP_FRAC * corpus["n_clustered"])
+    t_["select_budget_topk"] = bench(lambda: tri.select_clusters(flat_scores, logn, budget_keys=budget), graph=True)
+
+    if args.sweep and batch == 1 and n == max(args.sizes):
+        sweep = {}
+        cfgs = ([AttentionConfig(block_n=bn, num_stages=st, num_warps=w) for bn, st, w in
+                 [(32, 4, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (128, 2, 4), (128, 3, 8), (64, 3, 8)]]
+                if mode == "decode" else
+                [AttentionConfig(block_m=bm, block_n=bn, num_stages=st, num_warps=w) for bm, bn, st, w in
+                 [(128, 64, 3, 8), (128, 64, 2, 8), (128, 128, 2, 8), (64, 64, 3, 4), (128, 32, 3, 4),
+                  (64, 128, 2, 4), (128, 64, 4, 8)]])
+        if mode == "decode":
+            cfgs += [AttentionConfig(num_splits=s) for s in (16, 32, 66, 132, 264)]
+        else:
+            cfgs += [AttentionConfig(num_splits=s) for s in (2, 4)]
+        for cfg in cfgs:
+            try:
+                sweep[str(cfg)] = bench(lambda: tri.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale,
+                                                                       worklist=wl, config=cfg), graph=True)
+            except Exception as exc:  # a config the compiler refuses (shared memory) is recorded, not fatal
+                sweep[str(cfg)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            log(f"  sweep {mode} {cfg}: {sweep[str(cfg)]}")
+        rec["sweep_attention"] = sweep
+        # hierarchical: how many level-1 clusters to expand (time of the lookup, recall of the flat selection)
+        l1_sweep = {}
+        for keep in (0.15, 0.2, 0.3, 0.5):
+            thr1 = global_threshold(l1_scores, l1n, keep)
+            hs = tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, thr1)
+            sh = tri.select_clusters(hs, logn, log_threshold=global_threshold(hs, logn, KEEP_FRAC))
+            rc = float(kept_keys(sel_flat & sh, offs).float().sum() / flat_keys.sum().clamp_min(1))
+            ms = bench(lambda: tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, thr1), graph=True)
+            l1_sweep[str(keep)] = dict(recall=rc, lookup_ms=ms)
+            log(f"  l1 keep {keep}: recall {rc:.3f}, lookup {ms:.4f} ms")
+        rec["sweep_l1_keep"] = l1_sweep
+        lk = {}
+        lcfgs = ([LookupConfig(stats_block_c=bc, num_splits=sp) for bc, sp in
+                  [(64, None), (256, None), (128, 16), (128, 32), (128, 132)]]
+                 if mode == "decode" else
+                 [LookupConfig(stats_block_m=bm, stats_block_c=bc, stats_warps=w) for bm, bc, w in
+                  [(64, 64, 4), (128, 128, 8), (128, 64, 4)]] +
+                 [LookupConfig(scores_block_c=bc, scores_block_m=bm, scores_warps=w) for bc, bm, w in
+                  [(64, 64, 4), (128, 128, 8), (64, 128, 4), (128, 64, 4)]] +
+                 [LookupConfig(num_stages=3)])
+        for lc in lcfgs:
+            try:
+                lk[str(lc)] = bench(lambda: tri.centroid_scores(q, cent, logn, scale, config=lc), graph=True)
+            except Exception as exc:
+                lk[str(lc)] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            log(f"  lookup sweep {mode} {lc}: {lk[str(lc)]}")
+        rec["sweep_lookup"] = lk
+
+    if args.splits_sweep and mode == "decode" and batch == 1 and n >= 131072:
+        # the split count is a run-time argument (no recompilation): cheap to time here
+        rec["sweep_splits"] = {s: bench(lambda: tri.squeezed_attention(
+            q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl, config=AttentionConfig(num_splits=s)),
+            graph=True) for s in (8, 16, 33, 66)}
+        log(f"  splits sweep N={n}: {rec['sweep_splits']}")
+
+    # dense baselines over corpus + dynamic keys, a copy per row as a dense cache holds it
+    kf = torch.cat([keys.unsqueeze(0).expand(batch, -1, -1, -1), dk], 2).contiguous()
+    vf = torch.cat([values.unsqueeze(0).expand(batch, -1, -1, -1), dv], 2).contiguous()
+    t_["sdpa"] = bench(lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            t_["sdpa_fa2"] = bench(lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True))
+    except Exception as exc:
+        rec["sdpa_fa2_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if batch == 1:  # the FA2 backend without GQA support: the KV heads repeated (not counted in the time)
+            kr, vr = kf.repeat_interleave(G, 1), vf.repeat_interleave(G, 1)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                t_["sdpa_fa2"] = bench(lambda: F.scaled_dot_product_attention(q, kr, vr, scale=scale))
+            del kr, vr
+    if flex_fn is not None and n in args.flex_sizes and batch in args.flex_batches:
+        try:
+            km = tri.cluster_key_mask(sel_flat, offs, n)
+            bm = flex_block_mask(km, n, t, DYN)
+            t_["flex"] = bench(lambda: flex_fn(q, kf, vf, block_mask=bm, scale=scale, enable_gqa=True))
+        except Exception as exc:
+            rec["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(traceback.format_exc()[-2000:])
+    del kf, vf
+
+    # bytes that had to move: kept corpus keys + values per row (+ tail), dynamic KV, centroids
+    kv_row_bytes = 2 * D * keys.element_size()
+    kept = float(flat_keys.sum()) + batch * KVH * WINDOW
+    cent_bytes = cent.numel() * cent.element_size() * (1 if mode == "decode" else 2)
+    bytes_ours = kept * kv_row_bytes + batch * KVH * DYN * kv_row_bytes + cent_bytes
+    bytes_dense = batch * KVH * (n + DYN) * kv_row_bytes
+    bytes_hier = (float(hier_keys.sum()) + batch * KVH * WINDOW) * kv_row_bytes + batch * KVH * DYN * kv_row_bytes
+    rec.update(times_ms=t_, bytes_ours=bytes_ours, bytes_dense=bytes_dense, bytes_hier_kv=bytes_hier,
+               tbps_ours=bytes_ours / (t_["ours_flat"] * 1e-3) / 1e12,
+               tbps_sdpa=bytes_dense / (t_["sdpa"] * 1e-3) / 1e12)
+    rec["speedup_vs_sdpa"] = t_["sdpa"] / min(t_["ours_flat"], t_["ours_hier"])
+    if "sdpa_fa2" in t_:
+        rec["speedup_vs_fa2"] = t_["sdpa_fa2"] / min(t_["ours_flat"], t_["ours_hier"])
+    if "flex" in t_:
+        rec["speedup_vs_flex"] = t_["flex"] / min(t_["ours_flat"], t_["ours_hier"])
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32768, 131072, 524288])
+    ap.add_argument("--sweep", action="store_true", help="also time attention tile configs at the largest N")
+    ap.add_argument("--splits-sweep", action="store_true", help="time decode split counts at N >= 128K")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],
+                    help="FlexAttention compiles once per shape (tens of seconds): only these N")
+    ap.add_argument("--flex-batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--l1-keep", type=float, default=0.3, help="fraction of keys under expanded level-1 clusters")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU interpreter at tiny sizes")
+    args = ap.parse_args()
+    global DEV, DYN, DTYPE
+    if args.cpu_smoke:
+        DEV, DYN, DTYPE = "cpu", 64, torch.float16
+    logf = open(args.log, "a") if args.log else None
+
+    def log(msg):
+        print(msg, flush=True)
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    name, sms = ((torch.cuda.get_device_properties(0).name, torch.cuda.get_device_properties(0).multi_processor_count)
+                 if DEV == "cuda" else ("cpu-interpreter", 0))
+    meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), gpu=name, sms=sms, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(),
+                shapes=dict(heads=H, kv_heads=KVH, head_dim=D, dtype=str(DTYPE), window=WINDOW, dynamic=DYN,
+                            clusters=CLUSTER_FRAC, l1_clusters=L1_FRAC, kept=KEEP_FRAC, l1_keep=args.l1_keep))
+    meta["copy_tbps"] = copy_bandwidth()
+    log(f"{meta}")
+    flex_fn = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex_fn = flex_attention if DEV == "cpu" else torch.compile(flex_attention, dynamic=False)
+    records = []
+    for n in args.sizes:
+        t0 = time.time()
+        corpus = make_corpus(n)
+        log(f"corpus N={n} built in {time.time() - t0:.1f}s")
+        for mode, batch in (("decode", 1), ("decode", 8), ("prefill", 1)):
+            t0 = time.time()
+            try:
+                rec = run_case(corpus, mode, batch, args, flex_fn, log)
+            except Exception as exc:
+                rec = dict(n=n, mode=mode, batch=batch, error=f"{type(exc).__name__}: {exc}")
+                log(traceback.format_exc()[-3000:])
+            rec["wall_s"] = round(time.time() - t0, 1)
+            records.append(rec)
+            log(json.dumps(rec))
+        del corpus
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    (args.out / f"kernels_{stamp}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+    md = markdown(meta, records)
+    (args.out / f"kernels_{stamp}.md").write_text(md)
+    print(md)
+
+
+def markdown(meta, records) -> str:
+    lines = [f"Kernel benchmark, {meta['date']}, {meta['gpu']} ({meta['sms']} SMs), torch {meta['torch']}, "
+             f"triton {meta['triton']}, CUDA {meta['cuda']}. Llama-3-8B attention (32 q heads, 8 KV heads, d=128, "
+             f"bf16), 5% clusters, ~10% of keys kept, 1024 dynamic tokens. Device copy {meta['copy_tbps']:.2f} TB/s "
+             "(read + write). Times in ms, median; ours = lookup + selection + work list + attention + merge, one "
+             "CUDA graph.",
+             "",
+             "| N | mode | batch | ours flat | ours hier | lookup flat / hier | attention | SDPA (cuDNN) | SDPA FA2 "
+             "| Flex (same sel.) | speedup vs SDPA / FA2 / Flex | ours TB/s | kept | hier recall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['n']} | {r['mode']} | {r['batch']} | error: {r['error'][:80]} |")
+            continue
+        t = r["times_ms"]
+
+        def f(k):
+            return f"{t[k]:.3f}" if k in t else "-"
+
+        sp = " / ".join(f"{r[k]:.1f}x" if k in r else "-" for k in ("speedup_vs_sdpa", "speedup_vs_fa2",
+                                                                      "speedup_vs_flex"))
+        lines.append(f"| {r['n'] // 1024}K | {r['mode']} | {r['batch']} | {f('ours_flat')} | {f('ours_hier')} | "
+                     f"{f('lookup_flat')} / {f('lookup_hier')} | {f('attention')} | {f('sdpa')} | {f('sdpa_fa2')} | "
+                     f"{f('flex')} | {sp} | {r['tbps_ours']:.2f} | {r['kept_frac']:.3f} | {r['hier_recall']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Centroid lookup: flat and hierarchical, the Triton twins of ``reference.centroid_scores`` and
+``reference.hierarchical_centroid_scores``.
+
+Rows: for one (batch row, KV head) the ``G * T`` queries of the group's query heads and tokens are one
+matrix of rows ``r = g * T + t`` (GQA: every centroid load serves the whole group).
+
+Two passes, everything in log2 space (``exp2`` with ``scale * log2(e)`` folded into the logits):
+
+- **stats** (:func:`_stats_kernel`): per row, an online max / sum over centroid tiles of
+  ``w_c = l_c + log2 N_c``: the row's log-denominator ``lse = log2 sum_c N_c 2^(l_c)``. Split over
+  the centroids when there are few rows (decode), each split writing a partial ``(max, sum)``; the
+  partials are combined where they are read. In decode it also stores the raw logits (``G * T`` floats
+  per centroid, a small fraction of the centroid bytes) so that the second pass need not re-read the
+  centroids.
+- **scores** (:func:`_scores_kernel`): per centroid, ``log2 sum_rows 2^(l_rc - lse_r)`` as an online
+  column max / sum over row tiles (no underflow for tiny weights), minus ``log(G * T)``: the log of the
+  mean of ``S_c`` over the rows. In prefill it recomputes the logits from the centroid tile (one
+  centroid tile stays in registers while the row tiles stream from L2).
+
+Hierarchical: level 1 is scored by the flat path; the level-2 centroids of the kept level-1 clusters
+become a compact index list (:mod:`.worklist`; level-2 centroids are sorted by parent), and only those
+are ever loaded. The denominator adds the pruned level-1 clusters by their centroids (a stats pass over
+level 1 with the kept clusters excluded, written as extra partials next to the level-2 ones).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .hardware import num_sms
+from .worklist import build_worklist
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Rows up to this count (decode: G * T <= 16) keep their logits for the scores pass instead of
+# recomputing them: 4 rows x 4 B per centroid against 256 B of bf16 centroid (d=128) re-read. Chosen by
+# that byte count, not timed against the recompute. The decode stats tile of 128 centroids was timed:
+# 0.037 ms per 512K lookup, against 0.038 for 64 and 0.040 for 256.
+_STORE_LOGITS_MAX_ROWS = 16
+
+
+@triton.jit
+def _stats_kernel(
+    Q, CENT, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS,
+    stride_qb, stride_qh, stride_qt,
+    stride_ch, stride_cc,
+    stride_nh,
+    n_cent,  # centroids in the set (row stride of EXCL, LIST and LOGITS)
+    n_list_ranges,  # row stride of LCUM (list mode)
+    KVH, G, T, ROWS,
+    split_base, n_split_total, n_splits,
+    logit_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = row // KVH
+    kvh = row % KVH
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ROWS
+    g = rows // T
+    t = rows % T
+    d = tl.arange(0, HEAD_DIM)
+    q_ptr = Q + b.to(tl.int64) * stride_qb + (kvh * G + g)[:, None].to(tl.int64) * stride_qh \
+        + t[:, None].to(tl.int64) * stride_qt + d[None, :]
+    q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
+
+    # this split's share of the centroids (list mode: of the row's listed centroids)
+    if USE_LIST:
+        n = tl.load(LCUM + row.to(tl.int64) * n_list_ranges + n_list_ranges - 1)
+    else:
+        n = n_cent
+    tiles = tl.cdiv(n, BLOCK_C)
+    per = tl.cdiv(tiles, n_splits)
+    lo = pid_s * per * BLOCK_C
+    hi = tl.minimum(lo + per * BLOCK_C, n)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    cent_base = CENT + kvh.to(tl.int64) * stride_ch
+    for start in range(lo, hi, BLOCK_C):
+        j = start + tl.arange(0, BLOCK_C)
+        jm = j < hi
+        if USE_LIST:
+            c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
+        else:
+            c = j
+        cent = tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(q.to(cent.dtype), tl.trans(cent)) * logit_scale  # (BLOCK_M, BLOCK_C), log2 units
+        lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf")) * 1.4426950408889634
+        if USE_EXCL:
+            ex = tl.load(EXCL + row.to(tl.int64) * n_cent + c, mask=jm, other=1)
+            lw = tl.where(ex != 0, float("-inf"), lw)
+        w = s + lw[None, :]
+        w = tl.where(jm[None, :], w, float("-inf"))
+        # online max / sum (FlashAttention's running statistics, without the value product)
+        m_new = tl.maximum(m_i, tl.max(w, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(w - m_safe[:, None]), 1)
+        m_i = m_new
+        if STORE_LOGITS:
+            lg_ptr = LOGITS + row.to(tl.int64) * ROWS * n_cent + rows[:, None] * n_cent + c[None, :]
+            tl.store(lg_ptr, s, mask=rmask[:, None] & jm[None, :])
+    out = (row.to(tl.int64) * n_split_total + split_base + pid_s) * ROWS + rows
+    tl.store(M_OUT + out, m_i, mask=rmask)
+    tl.store(L_OUT + out, l_i, mask=rmask)
+
+
+@triton.jit
+def _scores_kernel(
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT,
+    stride_qb, stride_qh, stride_qt,
+    stride_ch, stride_cc,
+    stride_nh,
+    n_cent, n_list_ranges,
+    KVH, G, T, ROWS,
+    n_split_total,
+    logit_scale, log_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
+    USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = row // KVH
+    kvh = row % KVH
+    if USE_LIST:
+        n = tl.load(LCUM + row.to(tl.int64) * n_list_ranges + n_list_ranges - 1)
+    else:
+        n = n_cent
+    j = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    jm = j < n
+    if USE_LIST:
+        c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
+    else:
+        c = j
+    d = tl.arange(0, HEAD_DIM)
+    lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf"))
+    if not FROM_LOGITS:
+        cent = tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
+                       mask=jm[:, None], other=0.0)
+
+    col_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    col_sum = tl.zeros([BLOCK_C], tl.float32)
+    part = row.to(tl.int64) * n_split_total * ROWS
+    sp = tl.arange(0, SPLITS_P2)
+    # a list-mode program past the row's listed centroids has nothing to score: no row loop at all
+    rows_hi = tl.where(pid_c * BLOCK_C < n, ROWS, 0)
+    for m0 in range(0, rows_hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < ROWS
+        # the row's log2-denominator from the stats partials, all splits in one 2-D load (a loop over
+        # 66 splits, one dependent load each, cost ~30 us per decode lookup on the H200)
+        pm = (sp[:, None] < n_split_total) & rmask[None, :]
+        ms = tl.load(M_IN + part + sp[:, None] * ROWS + rows[None, :], mask=pm, other=float("-inf"))
+        ls = tl.load(L_IN + part + sp[:, None] * ROWS + rows[None, :], mask=pm, other=0.0)
+        mm = tl.max(ms, 0)
+        msafe = tl.where(mm == float("-inf"), 0.0, mm)
+        ll = tl.sum(ls * tl.exp2(ms - msafe[None, :]), 0)
+        lse = mm + tl.log2(ll)
+        if FROM_LOGITS:
+            lg_ptr = LOGITS + row.to(tl.int64) * ROWS * n_cent + rows[None, :] * n_cent + c[:, None]
+            s = tl.load(lg_ptr, mask=rmask[None, :] & jm[:, None], other=float("-inf"))  # (BLOCK_C, BLOCK_M)
+        else:
+            q_ptr = Q + b.to(tl.int64) * stride_qb + (kvh * G + rows // T)[:, None].to(tl.int64) * stride_qh \
+                + (rows % T)[:, None].to(tl.int64) * stride_qt + d[None, :]
+            q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
+            s = tl.dot(cent, tl.trans(q.to(cent.dtype))) * logit_scale  # (BLOCK_C, BLOCK_M)
+        x = s - lse[None, :]
+        x = tl.where(rmask[None, :] & (lse[None, :] > float("-inf")), x, float("-inf"))
+        new_max = tl.maximum(col_max, tl.max(x, 1))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        col_sum = col_sum * tl.exp2(col_max - safe) + tl.sum(tl.exp2(x - safe[:, None]), 1)
+        col_max = new_max
+    score = (col_max + tl.log2(col_sum)) * 0.6931471805599453 - log_rows
+    score = tl.where(lw == float("-inf"), float("-inf"), score)
+    tl.store(OUT + row.to(tl.int64) * n_cent + c, score, mask=jm)
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    """Tiles of the two lookup passes; ``None`` fields take the launchers' defaults."""
+
+    stats_block_m: int | None = None
+    stats_block_c: int | None = None
+    stats_warps: int | None = None
+    scores_block_c: int | None = None
+    scores_block_m: int | None = None
+    scores_warps: int | None = None
+    num_stages: int | None = None
+    num_splits: int | None = None
+
+
+class _Rows:
+    """The query matrix of one lookup: ``(batch, heads, tokens, head_dim)`` grouped by KV head."""
+
+    def __init__(self, q: torch.Tensor, kv_heads: int, cfg: LookupConfig | None = None):
+        cfg = cfg or LookupConfig()
+        self.cfg = cfg
+        b, h, t, d = q.shape
+        if h % kv_heads:
+            raise ValueError(f"{h} query heads cannot be grouped over {kv_heads} KV heads")
+        if d not in (16, 32, 64, 128, 256):
+            raise ValueError(f"head_dim {d} is not supported by the Triton lookup")
+        self.q = q if q.stride(-1) == 1 else q.contiguous()
+        self.b, self.kvh, self.g, self.t, self.d = b, kv_heads, h // kv_heads, t, d
+        self.rows = self.g * t
+        self.decode = self.rows <= _STORE_LOGITS_MAX_ROWS
+        # decode: a 16-row tile is the smallest tl.dot. prefill: 128 rows x 64 centroids, 4 warps.
+        # Measured on the H200 (512K keys, 26K centroids, 4096 rows, both passes): stats with 128 x 64 /
+        # 4 warps 1.55 ms, 128 x 64 / 8 warps 1.67, 64 x 64 / 4 warps 2.31, 128 x 128 / 8 warps 2.27;
+        # scores (with 8-warp stats) with 128 centroids x 64 rows / 4 warps 1.63, / 8 warps 1.67,
+        # 128 x 128 / 8 warps 1.67, 64 x 64 / 4 warps 1.87; 3 pipeline stages instead of 2: 1.80.
+        self.block_m = cfg.stats_block_m or (16 if self.decode else (128 if q.is_cuda else 32))
+        self.block_c = cfg.stats_block_c or (128 if self.decode else 64)
+        self.warps = cfg.stats_warps or 4
+        self.stages = cfg.num_stages or 2
+        self.m_tiles = triton.cdiv(self.rows, self.block_m)
+
+    def strides(self):
+        return self.q.stride(0), self.q.stride(1), self.q.stride(2)
+
+    def splits(self, n_cent: int) -> int:
+        """Split the centroids so that the grid holds about 4 programs per SM (decode: few rows).
+
+        Measured at 512K keys (H200): decode batch 1 (8 programs before splitting), 16 / 32 / 66 / 132
+        splits: 0.044 / 0.036 / 0.037 / 0.042 ms for the whole lookup; prefill (256 row tiles), 3 splits
+        1.55-1.67 ms, 2 splits 2.32 ms.
+        """
+        if self.cfg.num_splits:
+            return self.cfg.num_splits
+        programs = self.b * self.kvh * self.m_tiles
+        want = triton.cdiv(4 * num_sms(self.q.device), programs)
+        return max(1, min(want, triton.cdiv(max(n_cent, 1), self.block_c)))
+
+
+def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads: int, head_dim: int):
+    if centroids.dim() != 3 or centroids.shape[0] != kv_heads or centroids.shape[2] != head_dim:
+        raise ValueError(f"centroids {tuple(centroids.shape)} do not match (kv_heads={kv_heads}, C, {head_dim})")
+    if log_counts.shape != centroids.shape[:2]:
+        raise ValueError(f"log_counts {tuple(log_counts.shape)} do not match centroids {tuple(centroids.shape)}")
+
+
+def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
+           scale, excl=None, lst=None, lcum=None):
+    n_cent = cent.shape[1]
+    dummy = m_buf
+    grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
+    _stats_kernel[grid](
+        rq.q, cent, logn,
+        excl if excl is not None else dummy,
+        lst if lst is not None else dummy,
+        lcum if lcum is not None else dummy,
+        m_buf, l_buf, logits if logits is not None else dummy,
+        *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
+        n_cent, lcum.shape[-1] if lcum is not None else 1,
+        rq.kvh, rq.g, rq.t, rq.rows,
+        split_base, n_split_total, n_splits,
+        scale * LOG2E,
+        HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
+        USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
+        num_warps=rq.warps, num_stages=rq.stages,
+    )
+
+
+def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None):
+    n_cent = cent.shape[1]
+    from_logits = logits is not None
+    block_c = rq.cfg.scores_block_c or 128
+    block_m = rq.cfg.scores_block_m or (16 if from_logits else (64 if cent.is_cuda else 32))
+    # 8 warps for the recomputing scores pass: with 4 it measured 1.63 ms alone but 1.70 together with the
+    # 4-warp stats pass, against 1.55 for 4-warp stats + 8-warp scores (prefill, 512K)
+    warps = rq.cfg.scores_warps or (4 if from_logits else 8)
+    grid = (rq.b * rq.kvh, triton.cdiv(n_cent, block_c))
+    dummy = m_buf
+    _scores_kernel[grid](
+        rq.q, cent, logn,
+        lst if lst is not None else dummy,
+        lcum if lcum is not None else dummy,
+        m_buf, l_buf, logits if from_logits else dummy, out,
+        *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
+        n_cent, lcum.shape[-1] if lcum is not None else 1,
+        rq.kvh, rq.g, rq.t, rq.rows,
+        n_split_total,
+        scale * LOG2E, math.log(rq.rows),
+        HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
+        USE_LIST=lst is not None, FROM_LOGITS=from_logits,
+        num_warps=warps, num_stages=rq.stages,
+    )
+
+
+def _prep(cent: torch.Tensor, logn: torch.Tensor):
+    cent = cent if cent.stride(-1) == 1 else cent.contiguous()
+    return cent, logn.to(torch.float32).contiguous()
+
+
+def centroid_scores(
+    q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
+    *, config: LookupConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`sqz_kernels.reference.centroid_scores`: ``(batch, kv_heads, clusters)`` float32.
+
+    ``centroids`` may be float32 (tf32 dot on the GPU) or the KV dtype (bf16/fp16: half the bytes, a
+    plain 16-bit tensor-core dot); the lookup reads them once in decode, twice in prefill.
+    """
+    kvh = centroids.shape[0]
+    rq = _Rows(q, kvh, config)
+    _check_centroids(centroids, log_counts, kvh, rq.d)
+    cent, logn = _prep(centroids, log_counts)
+    n_cent = cent.shape[1]
+    out = torch.empty(rq.b, kvh, n_cent, dtype=torch.float32, device=q.device)
+    if n_cent == 0:
+        return out
+    ns = rq.splits(n_cent)
+    m_buf = torch.empty(rq.b * kvh, ns, rq.rows, dtype=torch.float32, device=q.device)
+    l_buf = torch.empty_like(m_buf)
+    logits = (torch.empty(rq.b * kvh, rq.rows, n_cent, dtype=torch.float32, device=q.device)
+              if rq.decode else None)
+    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale)
+    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale)
+    return out
+
+
+def hierarchical_centroid_scores(
+    q: torch.Tensor,
+    l1_centroids: torch.Tensor,
+    l1_log_counts: torch.Tensor,
+    l1_offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    l1_log_threshold: float,
+    *,
+    config: LookupConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`sqz_kernels.reference.hierarchical_centroid_scores`.
+
+    Only the level-2 centroids under kept level-1 clusters are loaded (through a compact index list);
+    no host sync anywhere.
+    """
+    kvh = centroids.shape[0]
+    rq = _Rows(q, kvh, config)
+    _check_centroids(centroids, log_counts, kvh, rq.d)
+    _check_centroids(l1_centroids, l1_log_counts, kvh, rq.d)
+    n_l1, n_l2 = l1_centroids.shape[1], centroids.shape[1]
+    if l1_offsets.shape != (kvh, n_l1 + 1):
+        raise ValueError(f"l1_offsets {tuple(l1_offsets.shape)} must be (kv_heads, l1_clusters + 1)")
+    out = torch.full((rq.b, kvh, n_l2), float("-inf"), dtype=torch.float32, device=q.device)
+    if n_l2 == 0 or n_l1 == 0:
+        return out
+    l1_cent, l1_logn = _prep(l1_centroids, l1_log_counts)
+    cent, logn = _prep(centroids, log_counts)
+
+    # level 1: the flat lookup, then the kept level-1 clusters
+    l1_keep = centroid_scores(q, l1_cent, l1_logn, scale, config=config) >= l1_log_threshold  # B, KVH, P
+    # the level-2 centroids to score, compact per row
+    lst, lcum = build_worklist(l1_keep, l1_offsets, n_l2)
+
+    # denominator partials: pruned level-1 clusters (splits [0, ns1)) + listed level-2 ([ns1, ns1 + ns2))
+    ns1, ns2 = rq.splits(n_l1), rq.splits(n_l2)
+    m_buf = torch.empty(rq.b * kvh, ns1 + ns2, rq.rows, dtype=torch.float32, device=q.device)
+    l_buf = torch.empty_like(m_buf)
+    _stats(rq, l1_cent, l1_logn, m_buf, l_buf, 0, ns1 + ns2, ns1, None, scale,
+           excl=l1_keep.view(torch.int8))
+    logits = (torch.empty(rq.b * kvh, rq.rows, n_l2, dtype=torch.float32, device=q.device)
+              if rq.decode else None)
+    _stats(rq, cent, logn, m_buf, l_buf, ns1, ns1 + ns2, ns2, logits, scale, lst=lst, lcum=lcum)
+    _scores(rq, cent, logn, m_buf, l_buf, ns1 + ns2, logits, out, scale, lst=lst, lcum=lcum)
+    return out

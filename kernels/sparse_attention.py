@@ -1,0 +1,367 @@
+"""Sparse FlashAttention over the selected corpus keys, fused with dense causal attention over the
+dynamic tokens; the Triton twins of ``reference.sparse_attention``, ``causal_attention`` and
+``squeezed_attention``.
+
+One program = one (batch row, KV head), one tile of query rows ``r = g * T + t`` (all query heads of the
+GQA group in one tile, so each key load serves the whole group), one split of the keys:
+
+- corpus keys come from the work list (:mod:`.worklist`): slot ``j < n_sel`` reads ``idx[j]`` (the
+  selected clusters' contiguous ranges, in order); slots after it are the always-attended tail
+  ``offsets[:, -1]:``. The corpus tensors have no batch dimension: B questions share one copy.
+- dynamic keys (the question and the generated tokens) are dense and causal.
+- online softmax in log2 space (``exp2``, scale folded into ``qk_scale``).
+
+Decode has few rows, so the keys are split across programs (flash-decoding) and the partial results
+are merged exactly by their log-sum-exp in :func:`_combine_kernel`; the dynamic part is then a split of
+its own. Prefill has enough row tiles to fill the GPU and writes its output directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .hardware import num_sms
+from .worklist import build_worklist
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and pipelining of :func:`_attn_kernel`; ``None`` fields take the launcher's defaults."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    num_splits: int | None = None  # corpus key splits per (row, KV head, row tile)
+
+
+@triton.jit
+def _attn_kernel(
+    Q, K, V, IDX, CUM, OFFS, DK, DV, O_PART, L_PART, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kh, stride_kn, stride_vh, stride_vn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_ob, stride_oh, stride_ot,
+    n_keys, n_clusters, stride_off, idx_cap, m_dyn,
+    KVH, G, T, ROWS, n_split_c, n_split_total,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SPARSE: tl.constexpr, HAS_DYN: tl.constexpr, FINAL: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = row // KVH
+    kvh = row % KVH
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ROWS
+    g = rows // T
+    t = rows % T
+    h = kvh * G + g
+    d = tl.arange(0, HEAD_DIM)
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh \
+        + t[:, None].to(tl.int64) * stride_qt + d[None, :]
+    q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if HAS_SPARSE:
+        q = q.to(K.dtype.element_ty)
+        n_sel = tl.load(CUM + row.to(tl.int64) * n_clusters + n_clusters - 1)
+        n_clu = tl.load(OFFS + kvh * stride_off + n_clusters).to(tl.int32)
+        total = n_sel + n_keys - n_clu
+        per = tl.cdiv(tl.cdiv(total, BLOCK_N), n_split_c) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.minimum(lo + per, total)
+        k_base = K + kvh.to(tl.int64) * stride_kh
+        v_base = V + kvh.to(tl.int64) * stride_vh
+        idx_base = IDX + row.to(tl.int64) * idx_cap
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            jm = j < hi
+            in_list = j < n_sel
+            kid = tl.load(idx_base + j, mask=jm & in_list, other=0)
+            kid = tl.where(in_list, kid, n_clu + (j - n_sel)).to(tl.int64)
+            k = tl.load(k_base + kid[:, None] * stride_kn + d[None, :], mask=jm[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(jm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + kid[:, None] * stride_vn + d[None, :], mask=jm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    if HAS_DYN:
+        qd = q.to(DK.dtype.element_ty)
+        pos = m_dyn - T + t  # the query's position among the dynamic keys
+        t_max = tl.max(tl.where(rmask, t, 0), 0)
+        hi_d = tl.where(pid_s == n_split_total - 1, m_dyn - T + t_max + 1, 0)
+        dk_base = DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+        dv_base = DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+        for start in range(0, hi_d, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            nm = n < m_dyn
+            k = tl.load(dk_base + n[:, None].to(tl.int64) * stride_dkn + d[None, :], mask=nm[:, None], other=0.0)
+            s = tl.dot(qd, tl.trans(k)) * qk_scale
+            s = tl.where(nm[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(dv_base + n[:, None].to(tl.int64) * stride_dvn + d[None, :], mask=nm[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if FINAL:
+        o_ptr = O + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh \
+            + t[:, None].to(tl.int64) * stride_ot + d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=rmask[:, None])
+        if WRITE_LSE:
+            tl.store(LSE + (b.to(tl.int64) * KVH * G + h) * T + t, lse, mask=rmask)
+    else:
+        base = (row.to(tl.int64) * n_split_total + pid_s) * ROWS + rows
+        tl.store(O_PART + base[:, None] * HEAD_DIM + d[None, :], out, mask=rmask[:, None])
+        tl.store(L_PART + base, lse, mask=rmask)
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART, L_PART, O, LSE,
+    stride_ob, stride_oh, stride_ot,
+    KVH, G, T, ROWS, n_split_total,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Exact merge of the splits of one query row by their log-sum-exp (flash-decoding's reduce).
+
+    The splits are read SPLIT_CHUNK at a time as one 2-D tile: a loop of one split per step (one small
+    dependent load each) made this merge cost tens of microseconds at 67 splits on the H200.
+    """
+    row = tl.program_id(0)
+    r = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    sc = tl.arange(0, SPLIT_CHUNK)
+    m = tl.full([1], float("-inf"), tl.float32)
+    w_sum = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, n_split_total, SPLIT_CHUNK):
+        s_i = s0 + sc
+        sm = s_i < n_split_total
+        base = (row.to(tl.int64) * n_split_total + s_i) * ROWS + r
+        ls = tl.load(L_PART + base, mask=sm, other=float("-inf"))
+        o = tl.load(O_PART + base[:, None] * HEAD_DIM + d[None, :], mask=sm[:, None], other=0.0)
+        mn = tl.maximum(m, tl.max(ls, 0))
+        msafe = tl.where(mn == float("-inf"), 0.0, mn)
+        alpha = tl.exp(m - msafe)
+        w = tl.exp(ls - msafe)  # (SPLIT_CHUNK,)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        w_sum = w_sum * alpha + tl.sum(w, 0)
+        m = mn
+    empty = w_sum == 0.0
+    out = acc / tl.where(empty, 1.0, w_sum)
+    b = row // KVH
+    kvh = row % KVH
+    g = r // T
+    t = r % T
+    h = kvh * G + g
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_ot + d
+    tl.store(o_ptr, out.to(O.dtype.element_ty))
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, w_sum)))
+        tl.store(LSE + (b.to(tl.int64) * KVH * G + h) * T + t + tl.arange(0, 1), lse)
+
+
+def _check_q(q: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch, heads, tokens, head_dim), got {tuple(q.shape)}")
+    if q.shape[1] % kv_heads:
+        raise ValueError(f"{q.shape[1]} query heads cannot be grouped over {kv_heads} KV heads")
+    if q.shape[3] != head_dim or head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim {q.shape[3]} (keys: {head_dim}) is not supported")
+    return q if q.stride(-1) == 1 else q.contiguous()
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
+               corpus=None, dyn=None):
+    """Shared launcher. ``corpus = (keys, values, offsets, idx, cum)``, ``dyn = (keys, values)``."""
+    cfg = cfg or AttentionConfig()
+    b, h, t, d = q.shape
+    kvh = corpus[0].shape[0] if corpus is not None else dyn[0].shape[1]
+    g = h // kvh
+    rows = g * t
+    dev = q.device
+    on_gpu = q.is_cuda
+    # Tiles, measured on the H200 (bf16, d=128, 8 KV heads x 4, 10% of 512K keys kept; 2026-11-28,
+    # CUDA-graph replays, median):
+    # decode (<= 16 rows), batch 1 (33 splits): 16 x 128 tiles, 2 stages: 0.074 ms; 16 x 64 with 2 / 3 / 4
+    # stages 0.083 / 0.079 / 0.078, 16 x 32 with 4 stages 0.098, 8 warps 0.079-0.091. Batch 8 (9 splits,
+    # long loops): 16 x 64 / 3 stages 0.434 ms, 16 x 128 / 2 stages 0.535. So 128-key tiles only when
+    # few (row, KV head) pairs are split many ways.
+    # prefill: 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
+    # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
+    decode = rows <= 16
+    sms = num_sms(dev)
+    wide = decode and on_gpu and b * kvh < sms // 4
+    block_m = cfg.block_m or (16 if decode else (64 if on_gpu else 32))
+    block_n = cfg.block_n or ((128 if wide else 64) if on_gpu else 32)
+    warps = cfg.num_warps or 4
+    stages = cfg.num_stages or (2 if wide else 3)
+    m_tiles = triton.cdiv(rows, block_m)
+    programs = b * kvh * m_tiles
+    if corpus is None:
+        n_split_c = 1
+    elif cfg.num_splits is not None:
+        n_split_c = cfg.num_splits
+    else:
+        # flash-decoding: about 2 programs per SM, each with at least ~8 key tiles of the corpus.
+        # Measured at 512K, batch 1 (8 programs before splitting), 16 x 64 tiles: 16 / 32 / 66 / 132 / 264
+        # splits took 0.112 / 0.080 / 0.090 / 0.092 / 0.107 ms; with 16 x 128 tiles, 8 / 16 / 33 / 66 splits
+        # took 0.138 / 0.090 / 0.074 / 0.079 ms at 512K and 0.050 / 0.037 / 0.039 / 0.048 ms at 128K.
+        n_keys = corpus[0].shape[1]
+        n_split_c = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n_keys, 8 * block_n)))
+        if programs >= sms:
+            n_split_c = 1
+    dyn_separate = dyn is not None and corpus is not None and n_split_c > 1
+    n_split_total = n_split_c + (1 if dyn_separate else 0)
+    final = n_split_total == 1
+
+    out = torch.empty(b, h, t, d, dtype=out_dtype, device=dev)
+    lse = torch.empty(b, h, t, dtype=torch.float32, device=dev) if write_lse else out
+    if final:
+        o_part = l_part = out
+    else:
+        o_part = torch.empty(b * kvh, n_split_total, rows, d, dtype=torch.float32, device=dev)
+        l_part = torch.empty(b * kvh, n_split_total, rows, dtype=torch.float32, device=dev)
+
+    if corpus is not None:
+        keys, values, offsets, idx, cum = corpus
+        k_args = (keys, values, idx, cum, offsets)
+        k_strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1))
+        n_keys, n_clusters, stride_off, idx_cap = keys.shape[1], cum.shape[-1], offsets.stride(0), idx.shape[-1]
+    else:
+        k_args = (q, q, q, q, q)
+        k_strides = (0, 0, 0, 0)
+        n_keys, n_clusters, stride_off, idx_cap = 0, 1, 0, 0
+    if dyn is not None:
+        dk, dv = dyn
+        d_args = (dk, dv)
+        d_strides = (dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2))
+        m_dyn = dk.shape[2]
+    else:
+        d_args = (q, q)
+        d_strides = (0,) * 6
+        m_dyn = 0
+    kk, vv, ii, cc, oo = k_args
+    grid = (b * kvh, m_tiles, n_split_total)
+    _attn_kernel[grid](
+        q, kk, vv, ii, cc, oo, *d_args, o_part, l_part, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_strides, *d_strides,
+        out.stride(0), out.stride(1), out.stride(2),
+        n_keys, n_clusters, stride_off, idx_cap, m_dyn,
+        kvh, g, t, rows, n_split_c, n_split_total,
+        scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, FINAL=final, WRITE_LSE=write_lse,
+        num_warps=warps, num_stages=stages,
+    )
+    if not final:
+        _combine_kernel[(b * kvh, rows)](
+            o_part, l_part, out, lse,
+            out.stride(0), out.stride(1), out.stride(2),
+            kvh, g, t, rows, n_split_total,
+            HEAD_DIM=d, SPLIT_CHUNK=min(32, triton.next_power_of_2(n_split_total)), WRITE_LSE=write_lse,
+            num_warps=4,
+        )
+    return (out, lse) if write_lse else out
+
+
+def _corpus(q, keys, values, cluster_offsets, selected, worklist):
+    if keys.dim() != 3 or values.shape != keys.shape:
+        raise ValueError(f"keys/values must be (kv_heads, n_keys, head_dim), got {tuple(keys.shape)} / "
+                         f"{tuple(values.shape)}")
+    kvh, n_keys, d = keys.shape
+    q = _check_q(q, kvh, d)
+    b = q.shape[0]
+    c = cluster_offsets.shape[1] - 1
+    if cluster_offsets.shape[0] != kvh or c < 1:
+        raise ValueError(f"cluster_offsets {tuple(cluster_offsets.shape)} must be (kv_heads, clusters + 1)")
+    if selected.shape != (b, kvh, c):
+        raise ValueError(f"selected {tuple(selected.shape)} must be (batch, kv_heads, clusters) = {(b, kvh, c)}")
+    if worklist is None:
+        worklist = build_worklist(selected, cluster_offsets, n_keys)
+    idx, cum = worklist
+    return q, (_last_contiguous(keys), _last_contiguous(values), cluster_offsets.contiguous(), idx, cum)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    selected: torch.Tensor,
+    scale: float,
+    *,
+    worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: AttentionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`sqz_kernels.reference.sparse_attention`: ``(out float32, lse)``.
+
+    ``worklist``: ``build_worklist(selected, cluster_offsets, n_keys)``, when the caller already has it.
+    """
+    q, corpus = _corpus(q, keys, values, cluster_offsets, selected, worklist)
+    return _attention(q, scale, torch.float32, True, config, corpus=corpus)
+
+
+def causal_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+    *, config: AttentionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`sqz_kernels.reference.causal_attention`: ``(out float32, lse)``."""
+    if keys.dim() != 4 or values.shape != keys.shape or keys.shape[0] != q.shape[0]:
+        raise ValueError(f"dynamic keys/values must be (batch, kv_heads, m, head_dim), got {tuple(keys.shape)}")
+    if keys.shape[2] < q.shape[2]:
+        raise ValueError(f"{keys.shape[2]} dynamic keys cannot hold {q.shape[2]} query tokens")
+    q = _check_q(q, keys.shape[1], keys.shape[3])
+    return _attention(q, scale, torch.float32, True, config, dyn=(_last_contiguous(keys), _last_contiguous(values)))
+
+
+def squeezed_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    selected: torch.Tensor,
+    dyn_keys: torch.Tensor,
+    dyn_values: torch.Tensor,
+    scale: float,
+    *,
+    worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`sqz_kernels.reference.squeezed_attention`, in one attention launch (plus
+    the split merge in decode): ``(batch, heads, tokens, head_dim)`` in ``q``'s dtype."""
+    q, corpus = _corpus(q, keys, values, cluster_offsets, selected, worklist)
+    if dyn_keys.dim() != 4 or dyn_values.shape != dyn_keys.shape or dyn_keys.shape[:2] != (q.shape[0], keys.shape[0]):
+        raise ValueError(f"dyn_keys/dyn_values must be (batch, kv_heads, m, head_dim), got {tuple(dyn_keys.shape)}")
+    if dyn_keys.shape[2] < q.shape[2]:
+        raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {q.shape[2]} query tokens")
+    return _attention(q, scale, q.dtype, False, config, corpus=corpus,
+                      dyn=(_last_contiguous(dyn_keys), _last_contiguous(dyn_values)))

@@ -1,0 +1,24 @@
+"""The Triton launchers, with the names and signatures of :mod:`sqz_kernels.reference` (one file per
+kernel; this module only gathers them). ``cluster_key_mask`` is a bookkeeping helper and stays torch."""
+from __future__ import annotations
+
+from .lookup import LookupConfig, centroid_scores, hierarchical_centroid_scores
+from .merge import merge_attention
+from .reference import cluster_key_mask
+from .selection import select_clusters
+from .sparse_attention import AttentionConfig, causal_attention, sparse_attention, squeezed_attention
+from .worklist import build_worklist
+
+__all__ = [
+    "AttentionConfig",
+    "LookupConfig",
+    "build_worklist",
+    "causal_attention",
+    "centroid_scores",
+    "cluster_key_mask",
+    "hierarchical_centroid_scores",
+    "merge_attention",
+    "select_clusters",
+    "sparse_attention",
+    "squeezed_attention",
+]

@@ -1,0 +1,355 @@
+"""Kernel-vs-twin checks shared by the CPU interpreter tests and the GPU tests.
+
+Each case builds a small random clustered corpus, runs a Triton launcher and its torch twin (and, for
+attention, dense SDPA with a boolean mask) and returns ``None`` or a failure message with the max / mean
+difference and where it is. Nothing here imports Triton at module import time: ``tests/test_kernels.py``
+imports this file for the case names and runs the cases in a child process with ``TRITON_INTERPRET=1``.
+
+Run by hand: ``TRITON_INTERPRET=1 python tests/kernel_cases.py [case ...]`` (prints one JSON line per case).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+# Tolerances, one table: (atol, rtol) for attention outputs / lse, and atol for log-space scores.
+# fp32: plain float32 arithmetic (the interpreter's dot is exact float32; on the GPU a float32 dot is
+# tf32, hence the GPU row). fp16/bf16: the probabilities are cast to the KV dtype for the PV product.
+# Scores on the GPU: a float32 dot there is tf32 (10-bit mantissa), so log-space scores of magnitude ~10
+# carry ~1e-2 of error.
+TOLERANCES = {
+    "float32": {"out": (2e-4, 2e-4), "score": (2e-4, 0.0)},
+    "float32-gpu": {"out": (5e-3, 5e-3), "score": (3e-2, 5e-3)},
+    "float16": {"out": (3e-3, 3e-3), "score": (2e-3, 0.0)},
+    "float16-gpu": {"out": (3e-3, 3e-3), "score": (3e-2, 5e-3)},
+    "bfloat16": {"out": (2e-2, 2e-2), "score": (3e-2, 5e-3)},
+    "bfloat16-gpu": {"out": (2e-2, 2e-2), "score": (3e-2, 5e-3)},
+}
+
+# name -> parameters; small shapes (the interpreter runs every program in Python)
+CASES: dict[str, dict] = {}
+
+
+def _case(name, **kw):
+    CASES[name] = kw
+
+
+for _dt in ("float32", "float16"):
+    _case(f"lookup-decode-{_dt}", kind="lookup", b=2, kvh=2, g=4, t=1, d=64, c=37, dtype=_dt)
+    _case(f"lookup-prefill-{_dt}", kind="lookup", b=1, kvh=2, g=3, t=23, d=64, c=45, dtype=_dt)
+_case("lookup-d128-centroids16", kind="lookup", b=1, kvh=1, g=4, t=2, d=128, c=70, dtype="float16",
+      cent_dtype="float16")
+_case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
+_case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
+_case("select-threshold", kind="select", b=2, kvh=3, c=41)
+_case("select-budget", kind="select_budget", b=2, kvh=3, c=41)
+_case("worklist", kind="worklist", b=3, kvh=2, c=29, n=301)
+_case("merge", kind="merge", b=2, h=6, t=5, d=64)
+for _g in (1, 3, 4):
+    _case(f"sparse-decode-gqa{_g}", kind="sparse", b=2, kvh=2, g=_g, t=1, d=64, c=23, n=403, tail=5,
+          dtype="float16", splits=3)
+_case("sparse-prefill-d128", kind="sparse", b=1, kvh=2, g=3, t=13, d=128, c=17, n=211, tail=7, dtype="float16")
+_case("sparse-fp32-keepall", kind="sparse", b=1, kvh=2, g=4, t=3, d=64, c=19, n=257, tail=0, dtype="float32",
+      keep="all")
+_case("sparse-empty-selection", kind="sparse", b=2, kvh=1, g=4, t=1, d=64, c=11, n=97, tail=0, dtype="float16",
+      keep="none", splits=2)
+_case("sparse-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, n=65, tail=0, dtype="float32",
+      keep="one")
+_case("causal-decode", kind="causal", b=2, kvh=2, g=4, t=1, m=77, d=64, dtype="float16")
+_case("causal-prefill", kind="causal", b=1, kvh=2, g=3, t=29, m=41, d=128, dtype="float32")
+_case("squeezed-decode-split", kind="squeezed", b=2, kvh=2, g=4, t=1, d=64, c=23, n=301, tail=6, m=35,
+      dtype="float16", splits=3)
+_case("squeezed-prefill", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4, m=19,
+      dtype="float16")
+_case("squeezed-keepall-dense", kind="squeezed", b=1, kvh=1, g=4, t=5, d=64, c=13, n=139, tail=3, m=9,
+      dtype="float32", keep="all")
+
+# Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), 5% clusters: GPU only.
+GPU_CASES: dict[str, dict] = {
+    "real-lookup-decode": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638),
+    "real-lookup-prefill": dict(kind="lookup", b=1, kvh=8, g=4, t=256, d=128, c=1638),
+    "real-hier-decode": dict(kind="hier", b=2, kvh=8, g=4, t=1, d=128, c=1638, p=328),
+    "real-hier-prefill": dict(kind="hier", b=1, kvh=8, g=4, t=128, d=128, c=1638, p=328),
+    "real-sparse-decode-b8": dict(kind="sparse", b=8, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100),
+    "real-causal-prefill": dict(kind="causal", b=1, kvh=8, g=4, t=512, m=640, d=128),
+    "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
+    "real-squeezed-prefill": dict(kind="squeezed", b=1, kvh=8, g=4, t=256, d=128, c=1638, n=32768, tail=100,
+                                  m=256),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+def corpus(kvh, c, n, tail, d, dtype, device, gen, empty_every=5, cent_dtype=None):
+    """A clustered corpus sorted by cluster: uneven sizes, some empty clusters, keys around centroids."""
+    import torch
+
+    n_clustered = n - tail
+    offsets = torch.zeros(kvh, c + 1, dtype=torch.int64)
+    for h in range(kvh):
+        cuts = torch.sort(torch.randint(0, n_clustered + 1, (c - 1,), generator=gen)).values
+        offsets[h, 1:c] = cuts
+        offsets[h, c] = n_clustered
+        # force a few empty clusters
+        for e in range(1, c, empty_every):
+            offsets[h, e] = offsets[h, e - 1] if e > 0 else 0
+        offsets[h] = torch.cummax(offsets[h], 0).values
+        offsets[h, c - 1] = n_clustered - 1  # the last cluster holds exactly one key
+        offsets[h, :c - 1] = offsets[h, :c - 1].clamp_max(n_clustered - 1)
+        offsets[h, c] = n_clustered
+    sizes = offsets[:, 1:] - offsets[:, :-1]
+    centers = torch.randn(kvh, c, d, generator=gen) * 1.5
+    owner = torch.stack([torch.repeat_interleave(torch.arange(c), sizes[h]) for h in range(kvh)])  # kvh, n_cl
+    keys = torch.randn(kvh, n, d, generator=gen)
+    keys[:, :n_clustered] += torch.gather(centers, 1, owner.unsqueeze(-1).expand(-1, -1, d))
+    values = torch.randn(kvh, n, d, generator=gen)
+    keys = keys.to(getattr(torch, dtype))
+    values = values.to(getattr(torch, dtype))
+    sums = torch.zeros(kvh, c, d).scatter_add_(1, owner.unsqueeze(-1).expand(-1, -1, d), keys[:, :n_clustered].float())
+    cent = sums / sizes.clamp_min(1).unsqueeze(-1)
+    log_counts = torch.log(sizes.float())
+    if cent_dtype:
+        cent = cent.to(getattr(torch, cent_dtype))
+    return (keys.to(device), values.to(device), offsets.to(device), cent.to(device), log_counts.to(device))
+
+
+def _report(name, got, ref, atol, rtol):
+    """None if close, else a message with the max / mean difference and where (NaN never passes)."""
+    import torch
+
+    got, ref = got.float().cpu(), ref.float().cpu()
+    if got.shape != ref.shape:
+        return f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    same_inf = (torch.isinf(got) & torch.isinf(ref) & (torch.sign(got) == torch.sign(ref)))
+    if torch.isnan(got).any():
+        return f"{name}: NaN at {torch.nonzero(torch.isnan(got))[:3].tolist()}"
+    if (torch.isinf(got) != torch.isinf(ref)).any():
+        where = torch.nonzero(torch.isinf(got) != torch.isinf(ref))[:3].tolist()
+        return f"{name}: infinities differ at {where} (got {got[tuple(where[0])]:.4g}, ref {ref[tuple(where[0])]:.4g})"
+    g, r = got.masked_fill(same_inf, 0), ref.masked_fill(same_inf, 0)
+    diff = (g - r).abs()
+    bad = diff > atol + rtol * r.abs()
+    if bad.any():
+        i = tuple(torch.nonzero(bad)[0].tolist())
+        return (f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} of "
+                f"{bad.numel()} outside atol={atol} rtol={rtol}; first at {list(i)}: got {g[i]:.6g} ref {r[i]:.6g}")
+    return None
+
+
+def _queries(b, h, t, d, dtype, device, gen):
+    import torch
+
+    return torch.randn(b, h, t, d, generator=gen).to(getattr(torch, dtype)).to(device)
+
+
+def _selection(kind, b, kvh, c, offsets, gen):
+    import torch
+
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).cpu()
+    if kind == "all":
+        sel = torch.ones(b, kvh, c, dtype=torch.bool)
+    elif kind == "none":
+        sel = torch.zeros(b, kvh, c, dtype=torch.bool)
+    elif kind == "one":  # the one-key cluster (see corpus())
+        sel = torch.zeros(b, kvh, c, dtype=torch.bool)
+        sel[:, :, c - 1] = True
+        assert bool((sizes[:, c - 1] == 1).all())
+    else:
+        sel = torch.rand(b, kvh, c, generator=gen) < 0.35
+    return sel.to(offsets.device)
+
+
+def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> str | None:
+    import torch
+    import torch.nn.functional as F
+
+    from sqz_kernels import reference as ref
+    from sqz_kernels import triton_ops as tri
+
+    p = dict(CASES[name] if name in CASES else GPU_CASES[name])
+    dtype = dtype or p.get("dtype", "float32")
+    gpu = device != "cpu"
+    tol = TOLERANCES[f"{dtype}-gpu" if gpu else dtype]
+    atol, rtol = tol["out"]
+    gen = torch.Generator().manual_seed(seed)
+    kind = p["kind"]
+
+    if kind in ("lookup", "hier"):
+        b, kvh, g, t, d, c = p["b"], p["kvh"], p["g"], p["t"], p["d"], p["c"]
+        n = c * 6
+        _, _, _, cent, logn = corpus(kvh, c, n, 0, d, dtype, device, gen, cent_dtype=p.get("cent_dtype"))
+        q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
+        scale = d ** -0.5
+        if kind == "lookup":
+            got = tri.centroid_scores(q, cent, logn, scale)
+            want = ref.centroid_scores(q, cent, logn, scale)
+            return _report(name, got, want, *tol["score"])
+        # level 1: parents over the level-2 clusters, sorted by parent
+        n_l1 = p["p"]
+        cuts = torch.sort(torch.randint(0, c + 1, (n_l1 - 1,), generator=gen)).values
+        l1_off = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([c])]).expand(kvh, -1).contiguous()
+        l1_off[:, 2] = l1_off[:, 1]  # an empty level-1 cluster
+        l1_off = torch.cummax(l1_off, 1).values.to(device)
+        cnt = torch.exp(logn.float())  # level-1 centroid = count-weighted mean of its level-2 centroids
+        sizes1 = (l1_off[:, 1:] - l1_off[:, :-1]).cpu()
+        parent = torch.stack([torch.repeat_interleave(torch.arange(n_l1), sizes1[h]) for h in range(kvh)]).to(device)
+        l1_cnt = torch.zeros(kvh, n_l1, device=device).scatter_add_(1, parent, cnt)
+        l1_sum = torch.zeros(kvh, n_l1, d, device=device).scatter_add_(
+            1, parent.unsqueeze(-1).expand(-1, -1, d), cent.float() * cnt.unsqueeze(-1))
+        l1_cent = l1_sum / l1_cnt.clamp_min(1e-30).unsqueeze(-1)
+        l1_logn = torch.log(l1_cnt)
+        flat_l1 = ref.centroid_scores(q, l1_cent, l1_logn, scale)
+        finite = torch.sort(flat_l1[torch.isfinite(flat_l1)]).values
+        # a threshold in the widest gap between scores near the median, so that rounding (tf32 on the
+        # GPU) cannot move a level-1 cluster across it
+        lo_i, hi_i = len(finite) // 4, max(len(finite) * 3 // 4, len(finite) // 4 + 1)
+        gaps = finite[lo_i + 1:hi_i + 1] - finite[lo_i:hi_i]
+        k = lo_i + int(torch.argmax(gaps))
+        mid = float(finite[k] + finite[k + 1]) / 2
+        for thr in (float("-inf"), mid, float(finite.max()) + 1.0):
+            got = tri.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, thr)
+            want = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, thr)
+            msg = _report(f"{name} thr={thr:.3g}", got, want, *tol["score"])
+            if msg:
+                return msg
+            if thr == float("-inf"):  # every level-1 cluster kept: equal to the flat lookup
+                msg = _report(f"{name} keep-all == flat", got, ref.centroid_scores(q, cent, logn, scale),
+                              *tol["score"])
+                if msg:
+                    return msg
+        return None
+
+    if kind in ("select", "select_budget"):
+        b, kvh, c = p["b"], p["kvh"], p["c"]
+        scores = torch.randn(b, kvh, c, generator=gen)
+        scores[0, 0, 3] = float("-inf")
+        logn = torch.log(torch.randint(0, 6, (kvh, c), generator=gen).float())
+        scores, logn = scores.to(device), logn.to(device)
+        if kind == "select":
+            for thr in (-0.3, 0.0, 5.0, float("-inf")):
+                got = tri.select_clusters(scores, logn, log_threshold=thr)
+                want = ref.select_clusters(scores, logn, log_threshold=thr)
+                if not torch.equal(got.cpu(), want.cpu()):
+                    return f"{name} thr={thr}: {int((got != want).sum())} clusters differ"
+            return None
+        for budget in (0, 1, 7, 10_000):
+            got = tri.select_clusters(scores, logn, budget_keys=budget)
+            want = ref.select_clusters(scores, logn, budget_keys=budget)
+            if not torch.equal(got.cpu(), want.cpu()):
+                return f"{name} budget={budget}: {int((got != want).sum())} clusters differ"
+        return None
+
+    if kind == "worklist":
+        b, kvh, c, n = p["b"], p["kvh"], p["c"], p["n"]
+        keys, _, offs, _, _ = corpus(kvh, c, n, 0, 16, "float32", device, gen)
+        for keep in ("random", "all", "none", "one"):
+            sel = _selection(keep, b, kvh, c, offs, gen)
+            idx, cum = tri.build_worklist(sel, offs, n)
+            mask = ref.cluster_key_mask(sel, offs, n).cpu()
+            for bi in range(b):
+                for h in range(kvh):
+                    cnt = int(cum[bi, h, -1])
+                    want = torch.nonzero(mask[bi, h]).flatten()
+                    if not torch.equal(idx[bi, h, :cnt].cpu().long(), want):
+                        return f"{name} keep={keep}: row ({bi},{h}) lists {idx[bi, h, :cnt].tolist()[:8]}... " \
+                               f"want {want.tolist()[:8]}..."
+        return None
+
+    if kind == "merge":
+        b, h, t, d = p["b"], p["h"], p["t"], p["d"]
+        oa, ob = torch.randn(b, h, t, d, generator=gen), torch.randn(b, h, t, d, generator=gen)
+        la, lb = torch.randn(b, h, t, generator=gen), torch.randn(b, h, t, generator=gen)
+        la[0, 0, 0] = float("-inf")
+        la[0, 1, 1] = lb[0, 1, 1] = float("-inf")
+        oa[0, 1, 1] = ob[0, 1, 1] = 0
+        args = [x.to(device) for x in (oa, la, ob, lb)]
+        go, gl = tri.merge_attention(*args)
+        wo, wl = ref.merge_attention(*args)
+        return _report(name, go, wo, 1e-5, 1e-5) or _report(f"{name} lse", gl, wl, 1e-5, 1e-5)
+
+    b, kvh, g, t, d = p["b"], p["kvh"], p["g"], p["t"], p["d"]
+    h = kvh * g
+    scale = d ** -0.5
+    q = _queries(b, h, t, d, dtype, device, gen)
+    cfg = tri.AttentionConfig(num_splits=p["splits"]) if p.get("splits") else None
+    if kind == "causal":
+        m = p["m"]
+        dk = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+        dv = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+        go, gl = tri.causal_attention(q, dk, dv, scale)
+        wo, wl = ref.causal_attention(q, dk, dv, scale)
+        msg = _report(name, go, wo, atol, rtol) or _report(f"{name} lse", gl, wl, atol, rtol)
+        if msg:
+            return msg
+        # against SDPA with the causal mask (bottom-right aligned)
+        pos = torch.arange(m - t, m, device=device)
+        mask = torch.arange(m, device=device)[None, :] <= pos[:, None]
+        sd = F.scaled_dot_product_attention(q.float(), dk.float().repeat_interleave(g, 1),
+                                            dv.float().repeat_interleave(g, 1), attn_mask=mask, scale=scale)
+        return _report(f"{name} vs SDPA", go, sd, atol, rtol)
+
+    c, n, tail = p["c"], p["n"], p["tail"]
+    keys, values, offs, _, _ = corpus(kvh, c, n, tail, d, dtype, device, gen)
+    sel = _selection(p.get("keep", "random"), b, kvh, c, offs, gen)
+    key_mask = ref.cluster_key_mask(sel, offs, n)  # B, KVH, N
+    kf = keys.float().unsqueeze(0).expand(b, -1, -1, -1).repeat_interleave(g, 1)
+    vf = values.float().unsqueeze(0).expand(b, -1, -1, -1).repeat_interleave(g, 1)
+    if kind == "sparse":
+        go, gl = tri.sparse_attention(q, keys, values, offs, sel, scale, config=cfg)
+        wo, wl = ref.sparse_attention(q, keys, values, offs, sel, scale)
+        msg = _report(name, go, wo, atol, rtol) or _report(f"{name} lse", gl, wl, atol, rtol)
+        if msg:
+            return msg
+        if p.get("keep") == "none":
+            if not (torch.isinf(gl).all() and (go == 0).all()):
+                return f"{name}: an empty selection must give out = 0, lse = -inf"
+            return None
+        am = key_mask.repeat_interleave(g, 1)[:, :, None, :].expand(b, h, t, n)
+        sd = F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=am, scale=scale)
+        return _report(f"{name} vs SDPA+mask", go, sd, atol, rtol)
+
+    # squeezed: corpus (sparse) + dynamic (causal), merged
+    m = p["m"]
+    dk = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+    dv = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+    got = tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, config=cfg)
+    want = ref.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale)
+    if got.dtype != q.dtype:
+        return f"{name}: output dtype {got.dtype} != {q.dtype}"
+    msg = _report(name, got, want, atol, rtol)
+    if msg:
+        return msg
+    # dense SDPA over [corpus | dynamic] with the selection mask and the causal mask
+    pos = torch.arange(m - t, m, device=device)
+    causal = torch.arange(m, device=device)[None, :] <= pos[:, None]  # T, M
+    full_mask = torch.cat([key_mask.repeat_interleave(g, 1)[:, :, None, :].expand(b, h, t, n),
+                           causal.expand(b, h, t, m)], dim=-1)
+    kk = torch.cat([kf, dk.float().repeat_interleave(g, 1)], dim=2)
+    vv = torch.cat([vf, dv.float().repeat_interleave(g, 1)], dim=2)
+    sd = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=full_mask, scale=scale)
+    msg = _report(f"{name} vs SDPA+mask", got, sd, atol, rtol)
+    if msg or p.get("keep") != "all":
+        return msg
+    # keep-all: the plain dense causal attention over [corpus | dynamic], no selection mask
+    dense_mask = torch.cat([torch.ones(b, h, t, n, dtype=torch.bool, device=device), causal.expand(b, h, t, m)], -1)
+    plain = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=dense_mask, scale=scale)
+    return _report(f"{name} keep-all == dense", got, plain, atol, rtol)
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(CASES)
+    failed = 0
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            msg = run_case(name)
+        except Exception as exc:  # reported, not raised: the parent test prints it
+            msg = f"{name}: {type(exc).__name__}: {exc}"
+        failed += msg is not None
+        print(json.dumps({"case": name, "error": msg, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
