@@ -75,18 +75,31 @@ def _parent_index(l1_offsets: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(flat, sizes.reshape(-1)).view(kvh, -1)
 
 
-def _distribution(queries: list[torch.Tensor], layers, scale: float) -> ScoreDistribution:
-    """``queries``: per layer ``(reads, heads, tokens, head_dim)``; every read scores every cluster."""
+def _scored(queries: list[torch.Tensor], layers, scale: float, share: float):
+    """``queries``: per layer ``(reads, heads, tokens, head_dim)``; every read scores every cluster.
+
+    Returns flat (scores, weights, level-1 parent scores or None); the weights (cluster sizes) are
+    normalised so that this set of reads carries ``share`` of the total weight."""
     scores, weights, parents = [], [], []
     for q, layer in zip(queries, layers):
         s = reference.centroid_scores(q, layer.centroids, layer.log_counts, scale)  # reads, KVH, C
         scores.append(s.flatten().cpu())
-        weights.append(torch.exp(layer.log_counts).expand_as(s).flatten().cpu())
+        weights.append(torch.exp(layer.log_counts).expand_as(s).flatten().cpu() / q.shape[0])
         if layer.l1_centroids is not None:
             s1 = reference.centroid_scores(q, layer.l1_centroids, layer.l1_log_counts, scale)
             parent = _parent_index(layer.l1_offsets).unsqueeze(0).expand_as(s)
             parents.append(torch.gather(s1, 2, parent).flatten().cpu())
-    return ScoreDistribution(torch.cat(scores), torch.cat(weights), torch.cat(parents) if parents else None)
+    return torch.cat(scores), torch.cat(weights) * share, torch.cat(parents) if parents else None
+
+
+def _distribution(sets: list[tuple[list[torch.Tensor], float]], layers, scale: float) -> ScoreDistribution:
+    parts = [_scored(q, layers, scale, share) for q, share in sets]
+    parents = [p for _, _, p in parts]
+    return ScoreDistribution(
+        torch.cat([s for s, _, _ in parts]),
+        torch.cat([w for _, w, _ in parts]),
+        torch.cat(parents) if all(p is not None for p in parents) else None,
+    )
 
 
 class Calibration:
@@ -97,8 +110,22 @@ class Calibration:
     tokens read together: averaged scores are flatter, so they need their own threshold).
     """
 
-    def __init__(self, window_queries: list[torch.Tensor], layers, scale: float, n_tokens: int):
-        """``window_queries``: per layer ``(W, heads, head_dim)``; ``layers``: the CorpusLayers."""
+    def __init__(
+        self,
+        window_queries: list[torch.Tensor],
+        layers,
+        scale: float,
+        n_tokens: int,
+        probe_decode: list[torch.Tensor] | None = None,
+        probe_prefill: list[torch.Tensor] | None = None,
+    ):
+        """``window_queries``: per layer ``(W, heads, head_dim)``; ``layers``: the CorpusLayers.
+
+        ``probe_decode`` (per layer ``(P, heads, head_dim)``) and ``probe_prefill`` (per layer
+        ``(1, heads, tokens, head_dim)``): queries of a probe question answered over the corpus. Text
+        tokens and question/answer tokens read differently (answer tokens spread their attention
+        more), so when a probe is given it carries half of the calibration weight.
+        """
         self.n_tokens = n_tokens
         self.n_always = layers[0].n_always
         self.n_clustered = layers[0].n_clustered
@@ -108,11 +135,17 @@ class Calibration:
         per_query = max(1, sum(l.log_counts.numel() for l in layers))
         self.n_queries = max(1, min(window_queries[0].shape[0], _MAX_SCORES // per_query))
         recent = [q[-self.n_queries :] for q in window_queries]
-        self.decode = _distribution([q.unsqueeze(2) for q in recent], layers, scale)
         group = min(PREFILL_GROUP, self.n_queries)
         n_groups = self.n_queries // group
         grouped = [q[-n_groups * group :].view(n_groups, group, *q.shape[1:]).transpose(1, 2) for q in recent]
-        self.prefill = _distribution(grouped, layers, scale)
+        decode_sets = [([q.unsqueeze(2) for q in recent], 1.0)]
+        prefill_sets = [(grouped, 1.0)]
+        if probe_decode is not None:
+            decode_sets.append(([q.unsqueeze(2) for q in probe_decode], 1.0))
+        if probe_prefill is not None:
+            prefill_sets.append((probe_prefill, 1.0))
+        self.decode = _distribution(decode_sets, layers, scale)
+        self.prefill = _distribution(prefill_sets, layers, scale)
 
     def clustered_fraction(self, kv_budget: float) -> float:
         """Fraction of the clustered keys a budget leaves once the always-kept keys are paid for."""

@@ -35,6 +35,10 @@ class SqueezeConfig:
     kmeans_iters / seed: K-means iterations and seed (the same seed gives the same clusters).
     prefill_chunk: corpus tokens per prefill step (bounds the memory of the offline pass).
     backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"triton"`` or ``"torch"``.
+    calibration_probe: a question answered once over the whole corpus when it is built; its queries
+        join the observation window's in calibrating the threshold (question and answer tokens
+        read the corpus differently from text tokens). ``None`` calibrates on the window alone.
+    probe_tokens: tokens generated for the probe.
     system_prompt: the system message placed before the corpus in the chat template.
     """
 
@@ -49,6 +53,8 @@ class SqueezeConfig:
     seed: int = 0
     prefill_chunk: int = 512
     backend: str = "auto"
+    calibration_probe: str | None = "What are the most important facts in these documents?"
+    probe_tokens: int = 24
     system_prompt: str = (
         "You are a helpful assistant. Answer the question using the documents provided."
     )
@@ -68,7 +74,7 @@ class SqueezeConfig:
             )
         if not 0.0 < self.l1_recall <= 1.0:
             raise ValueError(f"l1_recall must be in (0, 1], got {self.l1_recall}")
-        for name in ("observation_window", "kmeans_iters", "prefill_chunk"):
+        for name in ("observation_window", "kmeans_iters", "prefill_chunk", "probe_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "observation_window" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

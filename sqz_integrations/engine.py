@@ -25,7 +25,7 @@ from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
 from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
 from .prompting import CorpusDocument, Prompt, PromptLayout, as_documents, document_block
-from .selection import CorpusRead, ReadPlan
+from .selection import CorpusRead, QueryRecorder, ReadPlan
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +164,13 @@ class SqueezedEngine:
                     always.to(self.device), token_doc_t, len(docs), cfg, seed=cfg.seed + l,
                 )
             )
-        calibration = Calibration([capture.window_queries(l) for l in range(n_layers)], layers, capture.scale, len(ids))
-        corpus = SqueezedCorpus(
-            name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, time.perf_counter() - start
-        )
+        window = [capture.window_queries(l) for l in range(n_layers)]
+        calibration = Calibration(window, layers, capture.scale, len(ids))
+        corpus = SqueezedCorpus(name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, 0.0)
+        if cfg.calibration_probe:
+            decode_q, prefill_q = self._probe(corpus, cfg)
+            corpus.calibration = Calibration(window, layers, capture.scale, len(ids), decode_q, prefill_q)
+        corpus.build_seconds = time.perf_counter() - start
         with self._lock:
             self._corpora[name] = corpus
         logger.info("corpus %r: %d tokens, %d clusters per head, built in %.1fs", name, len(ids), corpus.n_clusters, corpus.build_seconds)
@@ -212,6 +215,28 @@ class SqueezedEngine:
         )
         return out.logits[0]
 
+    def _decode(self, corpus: SqueezedCorpus, suffix: list[int], read: CorpusRead, sampler: Sampler, max_new_tokens: int):
+        """The decoding loop: yields each new token id until end of turn or ``max_new_tokens``."""
+        cache = DynamicCache()
+        position, feed = corpus.n_tokens, suffix
+        for _ in range(max_new_tokens):
+            logits = self._forward(feed, position, cache, read)
+            position += len(feed)
+            token = sampler(logits[-1])
+            yield token
+            if token in self._eos_ids:
+                return
+            feed = [token]
+
+    @torch.inference_mode()
+    def _probe(self, corpus: SqueezedCorpus, cfg: SqueezeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Answer a probe question over the whole corpus and keep its queries for calibration."""
+        read = QueryRecorder(corpus, self._plan(corpus, 1.0, False, "threshold"), track_sources=False)
+        suffix = self.layout.suffix_ids(cfg.calibration_probe)
+        for _ in self._decode(corpus, suffix, read, Sampler(SamplingParams(), self.device), cfg.probe_tokens):
+            pass
+        return read.decode_queries(), read.prefill_queries()
+
     @torch.inference_mode()
     def _events(
         self, prompt: Prompt, corpus: str, params: SamplingParams, kv_budget, hierarchical, selection
@@ -224,12 +249,8 @@ class SqueezedEngine:
         read = CorpusRead(c, plan)
         sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
-        cache = DynamicCache()
-        position, feed, first_token_time, finish = c.n_tokens, suffix, None, "length"
-        for _ in range(params.max_new_tokens):
-            logits = self._forward(feed, position, cache, read)
-            position += len(feed)
-            token = sampler(logits[-1])
+        first_token_time, finish = None, "length"
+        for token in self._decode(c, suffix, read, sampler, params.max_new_tokens):
             if first_token_time is None:
                 first_token_time = time.perf_counter() - start
             if token in self._eos_ids:
@@ -241,7 +262,6 @@ class SqueezedEngine:
             if text.stopped:
                 finish = "stop"
                 break
-            feed = [token]
         tail = text.finish()
         if tail:
             yield tail

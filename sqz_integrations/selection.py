@@ -140,3 +140,23 @@ class CorpusRead:
     def commit(self) -> None:
         """Add this call's reads to the corpus's running statistics."""
         self.corpus.reads.add(self.kept.tolist(), list(self.steps))
+
+
+class QueryRecorder(CorpusRead):
+    """A read that also keeps every layer's queries (for calibrating on a probe question)."""
+
+    def __init__(self, corpus: SqueezedCorpus, plan: ReadPlan, track_sources: bool = False):
+        super().__init__(corpus, plan, track_sources)
+        self.queries: list[list[torch.Tensor]] = [[] for _ in corpus.layers]
+
+    def attend(self, layer_idx, q, dyn_k, dyn_v, scale):
+        self.queries[layer_idx].append(q[0].float())  # heads, tokens, head_dim
+        return super().attend(layer_idx, q, dyn_k, dyn_v, scale)
+
+    def prefill_queries(self) -> list[torch.Tensor]:
+        """Per layer ``(1, heads, tokens, head_dim)``: the question's tokens, read together."""
+        return [steps[0].unsqueeze(0) for steps in self.queries]
+
+    def decode_queries(self) -> list[torch.Tensor]:
+        """Per layer ``(steps, heads, head_dim)``: one query per generated token."""
+        return [torch.cat([q.transpose(0, 1) for q in steps[1:]] or [steps[0][:, -1:].transpose(0, 1)]) for steps in self.queries]
