@@ -8,18 +8,24 @@ Two launches, each over (row = (batch row, KV head), chunk of ``_CHUNK`` ranges)
 1. :func:`_chunk_sum_kernel`: the number of selected indices in each chunk;
 2. :func:`_scan_expand_kernel`: the chunk's start (sum of the earlier chunks' counts, one vector load),
    the inclusive prefix ``cum`` of selected sizes inside the chunk (``tl.cumsum``), and then every slot
-   ``j`` of the chunk finds its range by a binary search in ``cum`` and writes
-   ``offsets[c + 1] - (cum[c] - j)``.
+   ``j`` of the chunk finds its range ``c`` and writes ``offsets[c + 1] - (cum[c] - j)``. The range is
+   found with markers: the chunk's own output slots first hold -1, then the index of each non-empty
+   selected range at its first slot, and a running max (``tl.associative_scan``) over the slots gives
+   every slot its range: three independent loads per block of slots.
 
 Measured on the H200 (512K keys, 26K clusters, 8 KV heads, batch 1): torch ``where`` + ``cumsum`` over
 the clusters, then a binary search over the whole row, took 84 us (batch 8: 300 us), mostly in torch's
 inner-dimension scan, which walks each long row sequentially; the chunked form has no sequential pass:
-threshold selection + both launches here take 23 us (batch 8: 47 us).
+threshold selection + both launches took 23 us (batch 8: 47 us) with a binary search per slot (10
+dependent loads of ``cum``), and take 16 us (batch 8: 34 us) with the markers; at 32K-128K keys 20 -> 13.5
+us (benchmarks/results/kernels_worklist_search_20261128-2339 against kernels_20261128-2340).
 
 The list has room for every index (``capacity`` = the total length); slots at and after ``cum[-1]`` are
 left unwritten and are never read (readers bound themselves by ``cum[-1]``).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -30,6 +36,9 @@ import triton.language as tl
 # ~10 us of the 23 us above.
 _CHUNK = 1024
 _SLOTS = 1024  # output slots per step of the expansion loop
+# Expansion by markers + running max (True) or by a binary search per slot (False, the first version;
+# SQZ_WORKLIST_SEARCH=1 selects it, for A/B timings).
+_MARKERS = os.environ.get("SQZ_WORKLIST_SEARCH") != "1"
 
 
 @triton.jit
@@ -51,9 +60,15 @@ def _chunk_sum_kernel(SEL, OFFS, SUMS, n_ranges, n_chunks, offset_rows, stride_o
 
 
 @triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _scan_expand_kernel(
     SEL, OFFS, SUMS, CUM, IDX, n_ranges, n_chunks, capacity, offset_rows, stride_off,
     CHUNK: tl.constexpr, CHUNKS_P2: tl.constexpr, SLOTS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    MARKERS: tl.constexpr,
 ):
     row = tl.program_id(0)
     k = tl.program_id(1)
@@ -65,25 +80,47 @@ def _scan_expand_kernel(
     local = tl.cumsum(size, 0)
     cum_row = CUM + row.to(tl.int64) * n_ranges
     tl.store(cum_row + c, base + local, mask=cm)
-    tl.debug_barrier()  # the binary search below reads what the other threads just wrote
     total = tl.sum(size, 0)
     last = tl.minimum(n_ranges - k * CHUNK, CHUNK) - 1
     first = k * CHUNK
     idx_row = IDX + row.to(tl.int64) * capacity + base
-    for s0 in range(0, total, SLOTS):
-        j = s0 + tl.arange(0, SLOTS)
-        valid = j < total
-        lo = tl.zeros([SLOTS], dtype=tl.int32)
-        hi = tl.zeros([SLOTS], dtype=tl.int32) + last
-        for _ in range(SEARCH_STEPS):  # first c of the chunk with local cum[c] > j
-            mid = (lo + hi) // 2
-            v = tl.load(cum_row + first + mid, mask=valid, other=0) - base
-            right = v <= j
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(right, hi, mid)
-        cum_c = tl.load(cum_row + first + lo, mask=valid, other=0) - base
-        end = tl.load(OFFS + off_row * stride_off + first + lo + 1, mask=valid, other=0).to(tl.int32)
-        tl.store(idx_row + j, end - (cum_c - j), mask=valid)
+    if MARKERS:
+        # The chunk's own output slots [0, total) first hold markers: -1 everywhere, then at the first
+        # slot of every non-empty selected range its index in the chunk. A running max over the slots
+        # then gives every slot its range: a few independent loads per slot block instead of the
+        # SEARCH_STEPS dependent loads of a binary search.
+        for s0 in range(0, total, SLOTS):
+            j = s0 + tl.arange(0, SLOTS)
+            tl.store(idx_row + j, tl.full([SLOTS], -1, tl.int32), mask=j < total)
+        tl.debug_barrier()  # all -1 written before any marker
+        tl.store(idx_row + (local - size), (c - first).to(tl.int32), mask=cm & (size > 0))
+        tl.debug_barrier()  # markers and cum written before they are read by other threads
+        carry = tl.max(tl.full([SLOTS], -1, tl.int32), 0)
+        for s0 in range(0, total, SLOTS):
+            j = s0 + tl.arange(0, SLOTS)
+            valid = j < total
+            m = tl.load(idx_row + j, mask=valid, other=-1)
+            m = tl.maximum(tl.associative_scan(m, 0, _max_combine), carry)
+            carry = tl.max(m, 0)
+            cum_c = tl.load(cum_row + first + m, mask=valid, other=0) - base
+            end = tl.load(OFFS + off_row * stride_off + first + m + 1, mask=valid, other=0).to(tl.int32)
+            tl.store(idx_row + j, end - (cum_c - j), mask=valid)
+    else:
+        tl.debug_barrier()  # the binary search below reads what the other threads just wrote
+        for s0 in range(0, total, SLOTS):
+            j = s0 + tl.arange(0, SLOTS)
+            valid = j < total
+            lo = tl.zeros([SLOTS], dtype=tl.int32)
+            hi = tl.zeros([SLOTS], dtype=tl.int32) + last
+            for _ in range(SEARCH_STEPS):  # first c of the chunk with local cum[c] > j
+                mid = (lo + hi) // 2
+                v = tl.load(cum_row + first + mid, mask=valid, other=0) - base
+                right = v <= j
+                lo = tl.where(right, mid + 1, lo)
+                hi = tl.where(right, hi, mid)
+            cum_c = tl.load(cum_row + first + lo, mask=valid, other=0) - base
+            end = tl.load(OFFS + off_row * stride_off + first + lo + 1, mask=valid, other=0).to(tl.int32)
+            tl.store(idx_row + j, end - (cum_c - j), mask=valid)
 
 
 def build_worklist(
@@ -114,6 +151,6 @@ def build_worklist(
     _scan_expand_kernel[grid](
         sel, offsets, sums, cum, idx, n, n_chunks, idx.shape[-1], kvh, offsets.stride(0),
         CHUNK=_CHUNK, CHUNKS_P2=triton.next_power_of_2(n_chunks), SLOTS=_SLOTS,
-        SEARCH_STEPS=max(1, (min(n, _CHUNK) - 1).bit_length()),
+        SEARCH_STEPS=max(1, (min(n, _CHUNK) - 1).bit_length()), MARKERS=_MARKERS,
     )
     return idx, cum

@@ -192,7 +192,7 @@ def squeeze_layer(
     layer_keys = torch.gather(keys, 1, idx).contiguous()
     layer_values = torch.gather(values, 1, idx).contiguous()
 
-    docs = token_doc[clustered].to(dev)
+    docs = token_doc.to(dev)[clustered]  # clustered lives on the model's device (CUDA)
     docs_sorted = torch.gather(docs.unsqueeze(0).expand(kvh, -1), 1, key_order)
     share = torch.zeros(kvh, n_clusters, n_docs + 1, device=dev)
     share.index_put_(

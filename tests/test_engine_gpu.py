@@ -1,0 +1,350 @@
+"""The engine end to end on a CUDA GPU: the Triton backend against the torch backend and plain transformers.
+
+Random-weight Llama models (4 layers, hidden 512, 8 query heads over 2 KV heads, head_dim 64 and 128; bf16
+and fp16; ``initializer_range=0.2`` so that greedy tokens are well separated) with the real SmolLM2
+tokenizer and chat template, whose small files travel with the tests (``tests/data/smollm2_tokenizer``):
+the GPU machine has no SmolLM2 weights and cannot download them.
+
+Tolerances are relative to the rounding noise of the dtype itself: the same (rounded) weights run in
+float32 are the truth, and the squeezed path at a full budget may differ from it by at most about what the
+plain half-precision model does. Distributions are compared by total variation (half the L1 distance of the
+next-token probabilities, in [0, 1]), which ignores the huge negative log-probabilities of unlikely tokens.
+Such random models are chaotic (measured on the H200: rounding the float32 weights to bf16 changes the
+next-token distributions by a total variation of ~0.9), so at a 25% budget, where a rounding difference can
+also flip a cluster at the threshold, the backends are held to agree much more closely with each other than
+with the dense model, to select the same clusters where their queries are identical (layer 0), and to give
+the same greedy tokens.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqz_integrations import SqueezeConfig, SqueezedEngine
+from sqz_integrations.corpus import ReadCounter
+from sqz_integrations.selection import CorpusRead
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOKENIZER_DIR = Path(__file__).parent / "data" / "smollm2_tokenizer"
+DEVICE = "cuda"
+WORLDS = [(64, "bfloat16"), (64, "float16"), (128, "bfloat16"), (128, "float16")]
+QUESTION = "Which word comes right after river in the second document?"
+BUDGET = 0.25
+
+_WORDS = (
+    "alpha beta gamma delta river stone cloud lamp garden window paper music orange silver table chair "
+    "mountain forest ocean desert bridge tower castle village market harbor engine bottle candle mirror "
+    "winter summer autumn spring morning evening letter number circle square yellow purple copper marble "
+    "horse tiger eagle salmon apple lemon bread honey thunder shadow whisper journey kingdom planet rocket "
+    "pencil ladder basket blanket button carpet feather jacket pillow ribbon saddle violin"
+).split()
+
+
+def corpus_documents(n_docs: int = 4, n_words: int = 700, seed: int = 0) -> list[str]:
+    """A few thousand tokens of random words (about one token per word with the SmolLM2 tokenizer)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(n_words)) for _ in range(n_docs)]
+
+
+def make_model(vocab_size: int, head_dim: int, seed: int = 0):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=8192,
+        initializer_range=0.2, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def total_variation(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per row, half the L1 distance between the two next-token distributions."""
+    return 0.5 * (logp.float().exp() - ref_logp.float().exp()).abs().sum(-1)
+
+
+def _report(**record) -> None:
+    """Numbers worth reading in the GPU log (``SQZ_GPU_REPORT=path`` appends them as JSON lines)."""
+    path = os.environ.get("SQZ_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class World:
+    """One model (head_dim, dtype) with its squeezed corpora on the Triton backend and their torch twins."""
+
+    head_dim: int
+    dtype: torch.dtype
+    engine: SqueezedEngine
+    truth: torch.nn.Module  # the same (rounded) weights computed in float32, plain SDPA
+    flat: str = "flat"
+    hier: str = "hier"
+    _truth_cache: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"d{self.head_dim}-{str(self.dtype).split('.')[-1]}"
+
+    def suffix(self, corpus: str) -> list[int]:
+        n = self.engine.get_corpus(corpus).n_tokens
+        return self.engine.prompt_ids(QUESTION, corpus)[n:]
+
+    @torch.inference_mode()
+    def full_logprobs(self, corpus: str, model: torch.nn.Module) -> torch.Tensor:
+        """Log-probs of the question's tokens from the full prompt run by ``model``, the rows that
+        ``score_continuation(suffix, per_token=False)`` returns."""
+        ids = self.engine.prompt_ids(QUESTION, corpus)
+        n, s = self.engine.get_corpus(corpus).n_tokens, len(self.suffix(corpus))
+        logits = model(torch.tensor([ids], device=DEVICE)).logits[0, n : n + s - 1]
+        return torch.log_softmax(logits.float(), -1)
+
+    def truth_logprobs(self, corpus: str) -> torch.Tensor:
+        if corpus not in self._truth_cache:
+            self._truth_cache[corpus] = self.full_logprobs(corpus, self.truth)
+        return self._truth_cache[corpus]
+
+    def dense_logprobs(self, corpus: str) -> torch.Tensor:
+        """The plain half-precision model on the full prompt (no ``squeeze=``: plain SDPA)."""
+        key = ("dense", corpus)
+        if key not in self._truth_cache:
+            self._truth_cache[key] = self.full_logprobs(corpus, self.engine.model)
+        return self._truth_cache[key]
+
+    def noise_floor(self, corpus: str) -> torch.Tensor:
+        """Per-row total variation of the plain half-precision model against float32."""
+        return total_variation(self.dense_logprobs(corpus), self.truth_logprobs(corpus))
+
+
+def add_torch_twin(engine: SqueezedEngine, name: str) -> str:
+    """The same squeezed corpus (same clusters, thresholds and tensors) read by the torch backend.
+
+    A corpus is read with the backend of its own config, so the twin is a shallow copy whose config
+    names ``backend="torch"``; re-building it would re-run K-means, whose CUDA sums are not
+    bit-reproducible, and the clusters could differ.
+    """
+    corpus = engine.get_corpus(name)
+    twin = copy.copy(corpus)
+    twin.name = f"{name}-torch"
+    twin.config = corpus.config.replace(backend="torch")
+    twin.reads = ReadCounter(len(corpus.layers))
+    with engine._lock:
+        engine._corpora[twin.name] = twin
+    return twin.name
+
+
+def build_world(tokenizer, head_dim: int, dtype: str, device: str = DEVICE, backend: str = "triton") -> World:
+    model = make_model(len(tokenizer), head_dim).to(device=device, dtype=getattr(torch, dtype))
+    truth = copy.deepcopy(model).float()  # the rounded weights, computed in float32
+    engine = SqueezedEngine(model, tokenizer, SqueezeConfig(kv_budget=BUDGET, observation_window=64, backend=backend))
+    docs = corpus_documents()
+    engine.add_corpus("flat", docs, progress=False)
+    engine.add_corpus("hier", docs, progress=False, config=engine.config.replace(hierarchical=True))
+    for name in ("flat", "hier"):
+        add_torch_twin(engine, name)
+    return World(head_dim, getattr(torch, dtype), engine, truth)
+
+
+def greedy_matches(engine: SqueezedEngine, model, ids: list[int], got: list[int], stopped: bool, device: str):
+    """``got`` (the engine's greedy tokens) against ``model.generate`` on the full prompt: equal, except
+    that after a step where the reference's top two logits are within rounding both may go their own way.
+    Returns the number of steps compared equal."""
+    n = len(got) + int(stopped)
+    out = model.generate(
+        torch.tensor([ids], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    expected = out.sequences[0, len(ids):].tolist()
+    mine = got + ([expected[-1]] if stopped else [])
+    for i, (a, e) in enumerate(zip(mine, expected)):
+        if a != e:
+            step = out.scores[i][0].float()
+            margin = float(step[e] - step[a])
+            tol = max(0.1, abs(float(step[e])) / 64)  # a tie at half precision
+            assert margin <= tol, f"step {i}: engine {a}, transformers {e} (margin {margin:.3f} > {tol:.3f})"
+            return i
+    return len(mine)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_full_budget_logits(w: World, corpus: str, hierarchical: bool = False) -> None:
+    e = w.engine
+    suffix = w.suffix(corpus)
+    truth, floor = w.truth_logprobs(corpus), w.noise_floor(corpus)
+    got = e.score_continuation(corpus, suffix, per_token=False, kv_budget=1.0, hierarchical=hierarchical)
+    tv = total_variation(got, truth)
+    step = e.score_continuation(corpus, suffix[:8], per_token=True, kv_budget=1.0, hierarchical=hierarchical)
+    tv_step = total_variation(step, truth[:7])
+    _report(world=w.name, check="full_budget", corpus=corpus, tv_mean=float(tv.mean()), tv_max=float(tv.max()),
+            tv_step_max=float(tv_step.max()), floor_mean=float(floor.mean()), floor_max=float(floor.max()))
+    assert torch.isfinite(got).all()
+    assert float(tv.mean()) <= 2 * float(floor.mean()) + 0.01, (tv.mean(), floor.mean())
+    assert float(tv.max()) <= 2 * float(floor.max()) + 0.05, (tv.max(), floor.max())
+    assert float(tv_step.max()) <= 2 * float(floor.max()) + 0.05, (tv_step.max(), floor.max())
+    # the top token agrees with the plain half-precision model wherever that one is not a near tie
+    dense = w.dense_logprobs(corpus)
+    top2 = dense.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1.0
+    assert torch.equal(got.argmax(-1)[clear], dense.argmax(-1)[clear])
+
+
+def check_full_budget_tokens(w: World, corpus: str, hierarchical: bool = False) -> None:
+    e = w.engine
+    ids = e.prompt_ids(QUESTION, corpus)
+    ans = e.answer(QUESTION, corpus, max_new_tokens=8, kv_budget=1.0, hierarchical=hierarchical)
+    same = greedy_matches(e, e.model, ids, ans.token_ids, ans.finish_reason == "stop", DEVICE)
+    _report(world=w.name, check="full_budget_tokens", corpus=corpus, equal_steps=same, n=len(ans.token_ids))
+    assert ans.kept_fraction == pytest.approx(1.0)
+
+
+def _record_selections(monkeypatch, store: list):
+    original = CorpusRead.lookup
+
+    def lookup(self, layer_idx, q, scale):
+        scores, selected = original(self, layer_idx, q, scale)
+        store.append((layer_idx, scores.clone(), selected.clone(), self.plan))
+        return scores, selected
+
+    monkeypatch.setattr(CorpusRead, "lookup", lookup)
+
+
+def check_budget_backends_agree(w: World, corpus: str, monkeypatch, hierarchical: bool = False) -> None:
+    """At a 25% budget the Triton and torch backends select the same clusters (up to scores within rounding
+    of the threshold), give close log-probs and the same first tokens."""
+    e = w.engine
+    twin = f"{corpus}-torch"
+    suffix = w.suffix(corpus)
+    tri_sel, ref_sel = [], []
+    with monkeypatch.context() as m:
+        _record_selections(m, tri_sel)
+        lp_tri = e.score_continuation(corpus, suffix, per_token=False, kv_budget=BUDGET, hierarchical=hierarchical)
+    with monkeypatch.context() as m:
+        _record_selections(m, ref_sel)
+        lp_ref = e.score_continuation(twin, suffix, per_token=False, kv_budget=BUDGET, hierarchical=hierarchical)
+    assert e.get_corpus(corpus).config.backend == e.config.backend and e.get_corpus(twin).config.backend == "torch"
+    assert len(tri_sel) == len(ref_sel) == len(e.get_corpus(corpus).layers)
+    mismatch, total = 0, 0
+    for (layer, s_t, sel_t, plan), (_, s_r, sel_r, _) in zip(tri_sel, ref_sel):
+        differ = sel_t != sel_r
+        mismatch += int(differ.sum())
+        total += differ.numel()
+        if layer == 0 and not hierarchical:
+            # identical queries: the scores agree up to the lookup's tf32 dot, and only clusters scored
+            # within that rounding of the threshold may flip (hierarchical: a level-1 cluster at its own
+            # threshold flips its whole subtree, so only the count below is checked)
+            thr = plan.log_threshold[1]
+            finite = torch.isfinite(s_r)
+            assert torch.equal(finite, torch.isfinite(s_t))
+            assert torch.allclose(s_t[finite], s_r[finite], atol=0.1, rtol=1e-2), (s_t[finite] - s_r[finite]).abs().max()
+            near = (s_r - thr).abs() < 0.1
+            assert bool((~differ | near).all()), f"layer 0: {int(differ.sum())} clusters flipped away from the threshold"
+    floor = w.noise_floor(corpus)
+    tv = total_variation(lp_tri, lp_ref)
+    approx = total_variation(lp_ref, w.dense_logprobs(corpus))  # what the 25% budget itself changes
+    tri = e.answer(QUESTION, corpus, max_new_tokens=6, kv_budget=BUDGET, hierarchical=hierarchical)
+    ref = e.answer(QUESTION, twin, max_new_tokens=6, kv_budget=BUDGET, hierarchical=hierarchical)
+    _report(world=w.name, check="budget_backends", corpus=corpus, hierarchical=hierarchical,
+            selection_mismatch=mismatch / total, tv_mean=float(tv.mean()), tv_max=float(tv.max()),
+            floor_mean=float(floor.mean()), budget_vs_dense_mean=float(approx.mean()), kept_triton=tri.kept_fraction, kept_torch=ref.kept_fraction,
+            tokens_triton=tri.token_ids, tokens_torch=ref.token_ids,
+            centroid_reads_triton=tri.centroid_reads, centroid_reads_torch=ref.centroid_reads)
+    # after layer 0 the queries differ by rounding, amplified layer after layer: a few flips at the threshold
+    assert mismatch / total <= 0.05, mismatch / total
+    assert torch.isfinite(lp_tri).all()
+    assert float(tv.mean()) <= 0.5 * float(approx.mean()) + 2 * float(floor.mean()) + 0.02, (tv.mean(), approx.mean())
+    assert tri.token_ids[:3] == ref.token_ids[:3]
+    assert 0.0 < tri.kept_fraction < 1.0
+    assert abs(tri.kept_fraction - ref.kept_fraction) <= 0.02
+
+
+def check_answer(w: World) -> None:
+    """``engine.answer`` on CUDA with the default budget: text, sources, kept fraction, corpus untouched."""
+    e = w.engine
+    corpus = e.get_corpus(w.flat)
+    before = {k: v.clone() for k, v in corpus.fingerprint().items()}
+    ans = e.answer(QUESTION, w.flat, max_new_tokens=12)
+    pieces = list(e.stream(QUESTION, w.flat, max_new_tokens=12))
+    _report(world=w.name, check="answer", kept=ans.kept_fraction, sources=[(s.document_index, s.score) for s in ans.sources],
+            text=ans.text, ttft=ans.time_to_first_token, total=ans.total_time)
+    assert "".join(pieces) == ans.text
+    assert ans.completion_tokens == len(ans.token_ids) > 0
+    assert ans.kv_budget == BUDGET
+    assert corpus.n_always / corpus.n_tokens < ans.kept_fraction < 1.0
+    assert len(ans.kept_fraction_per_layer) == len(corpus.layers)
+    assert ans.sources, "no sources"
+    assert sum(s.score for s in ans.sources) == pytest.approx(1.0, abs=1e-6)
+    assert all(0 <= s.document_index < len(corpus.documents) and s.score > 0 for s in ans.sources)
+    assert corpus.layers[0].keys.device.type == torch.device(DEVICE).type and corpus.layers[0].keys.dtype == w.dtype
+    after = corpus.fingerprint()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ----------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=[f"d{d}-{t}" for d, t in WORLDS])
+def world(request, tokenizer):
+    """Module scope: pytest runs every test of one world before building the next."""
+    w = build_world(tokenizer, *request.param)
+    yield w
+    del w
+    torch.cuda.empty_cache()
+
+
+def test_tokenizer_travels(tokenizer):
+    files = list(TOKENIZER_DIR.iterdir())
+    assert sum(f.stat().st_size for f in files) < 5 * 2**20
+    assert len(tokenizer) == 49152 and tokenizer.eos_token == "<|im_end|>"
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def test_engine_uses_triton_on_cuda(world):
+    from sqz_kernels import get_backend, reference, triton_ops
+
+    e = world.engine
+    assert e.backend() is triton_ops
+    assert SqueezedEngine(e.model, e.tokenizer, SqueezeConfig()).backend() is triton_ops  # "auto" on CUDA
+    assert get_backend(e.get_corpus("flat-torch").config.backend, "cuda") is reference
+    n = e.get_corpus("flat").n_tokens
+    assert 2000 < n < 8192
+
+
+def test_full_budget_logits_match_transformers(world):
+    check_full_budget_logits(world, world.flat)
+
+
+def test_full_budget_greedy_tokens_match_generate(world):
+    check_full_budget_tokens(world, world.flat)
+
+
+def test_quarter_budget_triton_matches_torch(world, monkeypatch):
+    check_budget_backends_agree(world, world.flat, monkeypatch)
+
+
+def test_hierarchical_on_triton(world, monkeypatch):
+    check_full_budget_logits(world, world.hier, hierarchical=True)
+    check_budget_backends_agree(world, world.hier, monkeypatch, hierarchical=True)
+
+
+def test_answer_on_cuda(world):
+    check_answer(world)
