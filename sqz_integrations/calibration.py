@@ -118,6 +118,7 @@ class Calibration:
         n_tokens: int,
         probe_decode: list[torch.Tensor] | None = None,
         probe_prefill: list[torch.Tensor] | None = None,
+        dense_layers: int = 0,
     ):
         """``window_queries``: per layer ``(W, heads, head_dim)``; ``layers``: the CorpusLayers.
 
@@ -126,6 +127,14 @@ class Calibration:
         tokens and question/answer tokens read differently (answer tokens spread their attention
         more), so when a probe is given it carries half of the calibration weight.
         """
+        # The first ``dense_layers`` layers read everything: they are left out of the score
+        # distribution and their keys are paid from the budget before the threshold is set.
+        self.n_layers = len(layers)
+        self.dense_layers = min(dense_layers, len(layers) - 1)
+        layers = layers[self.dense_layers :]
+        window_queries = window_queries[self.dense_layers :]
+        probe_decode = probe_decode[self.dense_layers :] if probe_decode is not None else None
+        probe_prefill = probe_prefill[self.dense_layers :] if probe_prefill is not None else None
         self.n_tokens = n_tokens
         self.n_always = layers[0].n_always
         self.n_clustered = layers[0].n_clustered
@@ -151,7 +160,13 @@ class Calibration:
         """Fraction of the clustered keys a budget leaves once the always-kept keys are paid for."""
         if self.n_clustered == 0:
             return 0.0
-        return min(1.0, max(0.0, (kv_budget * self.n_tokens - self.n_always) / self.n_clustered))
+        per_layer = self.sparse_layer_budget(kv_budget)
+        return min(1.0, max(0.0, (per_layer * self.n_tokens - self.n_always) / self.n_clustered))
+
+    def sparse_layer_budget(self, kv_budget: float) -> float:
+        """The budget of each sparse layer once the dense layers have read everything."""
+        sparse = self.n_layers - self.dense_layers
+        return max(0.0, (kv_budget * self.n_layers - self.dense_layers) / sparse)
 
     def _cached(self, key: tuple, compute) -> float:
         with self._lock:
@@ -174,4 +189,5 @@ class Calibration:
     def expected_kept_fraction(self, kv_budget: float) -> float:
         """The kept fraction the decode threshold gives on the calibration queries themselves."""
         kept = self.decode.kept(self.clustered_fraction(kv_budget))
-        return (kept * self.n_clustered + self.n_always) / self.n_tokens
+        sparse = (kept * self.n_clustered + self.n_always) / self.n_tokens
+        return (sparse * (self.n_layers - self.dense_layers) + self.dense_layers) / self.n_layers

@@ -151,8 +151,8 @@ class SqueezedEngine:
             raise ValueError(
                 f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
             )
-        clustered, always = split_tokens(len(ids), len(header_ids), cfg.observation_window)
-        capture = attention.CorpusCapture(len(ids), window=max(1, len(always) - len(header_ids)))
+        clustered, always = split_tokens(len(ids), len(header_ids), cfg.always_window)
+        capture = attention.CorpusCapture(len(ids), window=min(cfg.observation_window, len(ids) - len(header_ids)))
         self._prefill(ids, capture, cfg.prefill_chunk, progress, name)
         layers = []
         token_doc_t = torch.tensor(token_doc)
@@ -165,11 +165,13 @@ class SqueezedEngine:
                 )
             )
         window = [capture.window_queries(l) for l in range(n_layers)]
-        calibration = Calibration(window, layers, capture.scale, len(ids))
+        calibration = Calibration(window, layers, capture.scale, len(ids), dense_layers=cfg.dense_layers)
         corpus = SqueezedCorpus(name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, 0.0)
         if cfg.calibration_probe:
             decode_q, prefill_q = self._probe(corpus, cfg)
-            corpus.calibration = Calibration(window, layers, capture.scale, len(ids), decode_q, prefill_q)
+            corpus.calibration = Calibration(
+                window, layers, capture.scale, len(ids), decode_q, prefill_q, dense_layers=cfg.dense_layers
+            )
         corpus.build_seconds = time.perf_counter() - start
         with self._lock:
             self._corpora[name] = corpus

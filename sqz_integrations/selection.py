@@ -66,7 +66,10 @@ class ReadPlan:
                 (cal.l1_log_threshold(kv_budget, cfg.l1_recall), cal.l1_log_threshold(kv_budget, cfg.l1_recall, prefill=True))
                 if hierarchical else None
             ),
-            budget_keys=budget_keys(corpus.n_tokens, corpus.n_always, kv_budget) if selection == "fixed" else None,
+            budget_keys=(
+                budget_keys(corpus.n_tokens, corpus.n_always, cal.sparse_layer_budget(kv_budget))
+                if selection == "fixed" else None
+            ),
             backend=backend,
         )
 
@@ -96,7 +99,7 @@ class CorpusRead:
             )
         else:
             scores = be.centroid_scores(q, layer.centroids, layer.log_counts, scale)
-        if plan.keep_all:
+        if plan.keep_all or layer_idx < self.corpus.config.dense_layers:
             selected = torch.isfinite(layer.log_counts).unsqueeze(0).expand_as(scores)
         elif plan.selection == "threshold":
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
