@@ -29,6 +29,7 @@ class CorpusLayer:
     centroids: torch.Tensor  # (KVH, C, D) float32, mean of the raw keys of each cluster
     log_counts: torch.Tensor  # (KVH, C) float32, log N_c, -inf when empty
     cluster_doc_share: torch.Tensor  # (KVH, C, n_docs) float32, fraction of a cluster's keys per document
+    key_doc: torch.Tensor  # (KVH, N) int64, the document of every stored key, -1 for template tokens
     l1_centroids: torch.Tensor | None = None  # (KVH, C1, D) float32
     l1_log_counts: torch.Tensor | None = None  # (KVH, C1)
     l1_offsets: torch.Tensor | None = None  # (KVH, C1 + 1) int64 into the level-2 clusters
@@ -88,6 +89,16 @@ class SqueezedCorpus:
         self.config = config
         self.build_seconds = build_seconds
         self.reads = ReadCounter(len(layers))
+        self.source_baseline: torch.Tensor | None = None  # per-document focused mass of the probe
+
+    def source_prior(self) -> torch.Tensor:
+        """What a generic question gives each document: the probe's share, floored at a tenth of
+        the document's share of tokens (a document the probe ignored must not divide by zero)."""
+        sizes = torch.tensor([float(b - a) for a, b in self.doc_spans], dtype=torch.float64)
+        floor = 0.1 * sizes / sizes.sum()
+        if self.source_baseline is None or float(self.source_baseline.sum()) <= 0:
+            return sizes / sizes.sum()
+        return torch.maximum(self.source_baseline / self.source_baseline.sum(), floor)
 
     @property
     def n_tokens(self) -> int:
@@ -209,6 +220,7 @@ def squeeze_layer(
         centroids=centroids.contiguous(),
         log_counts=torch.log(counts),  # log 0 = -inf marks an empty cluster
         cluster_doc_share=share,
+        key_doc=token_doc.to(dev)[src],
         n_always=int(always.numel()),
     )
     if config.hierarchical:

@@ -24,7 +24,7 @@ from .calibration import Calibration
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
 from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
-from .prompting import CorpusDocument, Prompt, PromptLayout, as_documents, document_block
+from .prompting import CorpusDocument, Prompt, PromptLayout, as_documents, document_block, document_label
 from .selection import CorpusRead, QueryRecorder, ReadPlan
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,10 @@ class SqueezedEngine:
             piece = self.layout.encode(document_block(i, doc))
             spans.append((len(ids), len(ids) + len(piece)))
             ids += piece
-            token_doc += [i] * len(piece)
+            # The label line ("[Document 2: x.md]") is a local attention sink that every question
+            # looks at: it belongs to no document's evidence for the sources.
+            n_label = min(len(self.layout.encode(document_label(i, doc))), len(piece))
+            token_doc += [-1] * n_label + [i] * (len(piece) - n_label)
         if self.context_window and len(ids) >= self.context_window:
             raise ValueError(
                 f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
@@ -233,10 +236,11 @@ class SqueezedEngine:
     @torch.inference_mode()
     def _probe(self, corpus: SqueezedCorpus, cfg: SqueezeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Answer a probe question over the whole corpus and keep its queries for calibration."""
-        read = QueryRecorder(corpus, self._plan(corpus, 1.0, False, "threshold"), track_sources=False)
+        read = QueryRecorder(corpus, self._plan(corpus, 1.0, False, "threshold"), track_sources=True)
         suffix = self.layout.suffix_ids(cfg.calibration_probe)
         for _ in self._decode(corpus, suffix, read, Sampler(SamplingParams(), self.device), cfg.probe_tokens):
             pass
+        corpus.source_baseline = read.doc_mass.cpu()
         return read.decode_queries(), read.prefill_queries()
 
     @torch.inference_mode()
@@ -286,10 +290,13 @@ class SqueezedEngine:
         )
 
     def _sources(self, corpus: SqueezedCorpus, read: CorpusRead) -> list[SourceScore]:
+        """Documents ranked by the focused attention they got, relative to what a generic question
+        gives them (the probe's): position alone favours some documents for any question."""
         mass = read.doc_mass.cpu()
-        total = float(mass.sum())
-        if total <= 0:
+        if float(mass.sum()) <= 0:
             return []
+        mass = mass / corpus.source_prior()
+        total = float(mass.sum())
         order = torch.argsort(mass, descending=True).tolist()
         return [
             SourceScore(i, float(mass[i]) / total, dict(corpus.documents[i].metadata), corpus.documents[i].text)

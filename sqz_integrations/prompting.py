@@ -49,11 +49,15 @@ def as_documents(documents: Sequence[str | CorpusDocument]) -> list[CorpusDocume
     return docs
 
 
+def document_label(index: int, doc: CorpusDocument) -> str:
+    """The line that opens a document in the context block."""
+    source = doc.metadata.get("source") or doc.metadata.get("title")
+    return f"[Document {index + 1}" + (f": {source}]\n" if source else "]\n")
+
+
 def document_block(index: int, doc: CorpusDocument) -> str:
     """The text of one document inside the context block."""
-    source = doc.metadata.get("source") or doc.metadata.get("title")
-    label = f"[Document {index + 1}" + (f": {source}]" if source else "]")
-    return f"{label}\n{doc.text.strip()}\n\n"
+    return f"{document_label(index, doc)}{doc.text.strip()}\n\n"
 
 
 def normalise_messages(prompt: Prompt) -> list[dict[str, str]]:

@@ -11,8 +11,17 @@ from types import ModuleType
 
 import torch
 
+from sqz_kernels import reference
+
 from .config import check_budget
 from .corpus import SqueezedCorpus, budget_keys
+
+
+# Sources are measured on reads of at most this many tokens (decode steps and short questions):
+# the extra q.K pass costs heads x tokens x corpus floats.
+_MEASURE_MAX_TOKENS = 64
+# A key counts for the sources when one head gives it at least this share of its attention.
+_FOCUS = 0.05
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,34 @@ class CorpusRead:
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale
         )
         self._record(layer_idx, layer, scores, selected)
+        if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:
+            self._measure_sources(layer, q, dyn_k, selected, scale)
         return out.transpose(1, 2).contiguous()
+
+    def _measure_sources(self, layer, q, dyn_k, selected, scale) -> None:
+        """Add, per document, the attention its keys received where a head focused on them.
+
+        Recomputed in torch from the selection: one more q.K pass over the corpus, which the
+        fused kernels do not expose. Only keys given at least ``_FOCUS`` of a head's attention
+        count: the total mass (and its centroid estimate N_c * S_c) is dominated by broad heads and
+        ranked documents by position, whatever the question (measured on 4 essays with a planted
+        fact: the same document first for every question).
+        """
+        b, h, t, d = q.shape
+        kvh, n, _ = layer.keys.shape
+        qg = q.float().reshape(b, kvh, (h // kvh) * t, d)
+        s = torch.matmul(qg, layer.keys.float().transpose(-1, -2)) * scale  # B, KVH, G*T, N
+        keep = reference.cluster_key_mask(selected, layer.cluster_offsets, n)
+        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+        m = dyn_k.shape[2]
+        sd = torch.matmul(qg, dyn_k.float().transpose(-1, -2)) * scale  # B, KVH, G*T, M
+        qpos = (torch.arange((h // kvh) * t, device=q.device) % t) + (m - t)
+        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > qpos[:, None], float("-inf"))
+        lse = torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1))  # B, KVH, G*T
+        p = torch.exp(s - lse.unsqueeze(-1))
+        mass = (p * (p >= _FOCUS)).sum(dim=(0, 2))  # KVH, N
+        in_doc = layer.key_doc >= 0
+        self.doc_mass.index_add_(0, layer.key_doc[in_doc], mass[in_doc].double())
 
     def _record(self, layer_idx, layer, scores, selected) -> None:
         counts = torch.exp(layer.log_counts)  # KVH, C
@@ -126,11 +162,6 @@ class CorpusRead:
             self.centroids_scored += torch.isfinite(scores).sum() / scores.shape[0] + layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
         else:
             self.centroids_scored += scores.shape[1] * scores.shape[2]
-        if self.track_sources:
-            # Estimated attention mass per cluster: N_c * S_c (the centroid's estimate of the mass
-            # its keys receive), over the clusters actually read, shared out by document.
-            mass = torch.exp(scores + layer.log_counts).nan_to_num(0.0) * selected
-            self.doc_mass += torch.einsum("bkc,kcd->d", mass, layer.cluster_doc_share).double()
 
     def kept_per_layer(self) -> list[float]:
         kept = self.kept.tolist()
