@@ -37,6 +37,14 @@ class Answer:
     sources: list[SourceScore] = field(default_factory=list)
 
 
+def check_stop_sequences(stop) -> tuple[str, ...]:
+    """Stop sequences must be non-empty strings; ``None`` means none."""
+    stop = tuple(stop or ())
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop sequences must be non-empty strings, got {list(stop)!r}")
+    return stop
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -52,8 +60,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+        check_stop_sequences(self.stop)
 
 
 class Sampler:

@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 
 from sqz_integrations import CorpusDocument, SqueezedEngine
 from sqz_integrations.async_stream import iterate_in_thread
+from sqz_integrations.generation import check_stop_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +201,7 @@ class ChatSqueezed(BaseChatModel):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: list[str] | None) -> list[str] | None:
-        if stop and any((not isinstance(s, str)) or s == "" for s in stop):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stop or None
+        return list(check_stop_sequences(stop)) or None
 
     @model_validator(mode="after")
     def _check_corpus(self) -> ChatSqueezed:
