@@ -28,7 +28,6 @@ class CorpusLayer:
     cluster_offsets: torch.Tensor  # (KVH, C + 1) int64; [:, -1] == number of clustered keys
     centroids: torch.Tensor  # (KVH, C, D) float32, mean of the raw keys of each cluster
     log_counts: torch.Tensor  # (KVH, C) float32, log N_c, -inf when empty
-    cluster_doc_share: torch.Tensor  # (KVH, C, n_docs) float32, fraction of a cluster's keys per document
     key_doc: torch.Tensor  # (KVH, N) int64, the document of every stored key, -1 for template tokens
     l1_centroids: torch.Tensor | None = None  # (KVH, C1, D) float32
     l1_log_counts: torch.Tensor | None = None  # (KVH, C1)
@@ -166,7 +165,6 @@ def squeeze_layer(
     clustered: torch.Tensor,
     always: torch.Tensor,
     token_doc: torch.Tensor,
-    n_docs: int,
     config: SqueezeConfig,
     seed: int,
 ) -> CorpusLayer:
@@ -194,7 +192,6 @@ def squeeze_layer(
     perm, key_order, new_labels = _sorted_layout(labels, parent, n_clusters)
     counts = torch.gather(counts, 1, perm)
     centroids = torch.gather(centroids, 1, perm.unsqueeze(-1).expand(-1, -1, d))
-    sorted_labels = torch.gather(new_labels, 1, key_order)
     offsets = torch.zeros(kvh, n_clusters + 1, dtype=torch.long, device=dev)
     offsets[:, 1:] = torch.cumsum(counts, 1).long()
 
@@ -203,23 +200,12 @@ def squeeze_layer(
     layer_keys = torch.gather(keys, 1, idx).contiguous()
     layer_values = torch.gather(values, 1, idx).contiguous()
 
-    docs = token_doc.to(dev)[clustered]  # clustered lives on the model's device (CUDA)
-    docs_sorted = torch.gather(docs.unsqueeze(0).expand(kvh, -1), 1, key_order)
-    share = torch.zeros(kvh, n_clusters, n_docs + 1, device=dev)
-    share.index_put_(
-        (torch.arange(kvh, device=dev).unsqueeze(1).expand_as(sorted_labels), sorted_labels, docs_sorted + 1),
-        torch.ones_like(sorted_labels, dtype=torch.float),
-        accumulate=True,
-    )
-    share = share[:, :, 1:] / counts.clamp_min(1.0).unsqueeze(-1)
-
     layer = CorpusLayer(
         keys=layer_keys,
         values=layer_values,
         cluster_offsets=offsets,
         centroids=centroids.contiguous(),
         log_counts=torch.log(counts),  # log 0 = -inf marks an empty cluster
-        cluster_doc_share=share,
         key_doc=token_doc.to(dev)[src],
         n_always=int(always.numel()),
     )

@@ -164,7 +164,7 @@ class SqueezedEngine:
             layers.append(
                 squeeze_layer(
                     capture.keys.pop(l), capture.values.pop(l), clustered.to(self.device),
-                    always.to(self.device), token_doc_t, len(docs), cfg, seed=cfg.seed + l,
+                    always.to(self.device), token_doc_t, cfg, seed=cfg.seed + l,
                 )
             )
         window = [capture.window_queries(l) for l in range(n_layers)]
