@@ -6,9 +6,11 @@ attended, ~10% of the clustered keys kept by a global threshold. Modes: decode (
 batch 8 sharing one corpus, 1024 dynamic tokens) and prefill (1024 user-input tokens, batch 1).
 
 Timed (median of ``triton.testing.do_bench``):
-- ``ours``: lookup (flat or hierarchical) + selection + work list + sparse attention + causal dynamic
-  part + merge, as one CUDA graph (the path has no host sync) and eagerly;
-- its parts: lookup alone, selection + work list, attention alone;
+- ``ours``: lookup (flat or hierarchical) + selection + work list (fused: ``centroid_selection``) + sparse
+  attention + causal dynamic part + merge, as one CUDA graph (the path has no host sync) and eagerly;
+  ``ours_*_unfused``: the same through the separate calls ``centroid_scores`` + ``select_clusters`` +
+  ``squeezed_attention`` (what the engine calls);
+- its parts: lookup alone, lookup + selection + work list, selection + work list, attention alone;
 - ``sdpa``: torch SDPA's default backend (cuDNN on the H200) with ``enable_gqa=True`` over corpus +
   dynamic keys (no mask: every query sees every key, as the dense reference numbers in environment.md);
 - ``sdpa_fa2``: the same with the FlashAttention-2 backend (the paper's baseline);
@@ -226,11 +228,26 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     # exactness on this case: ours vs the torch twin (sparse + causal + merge)
     from sqz_kernels import reference as ref
     if n <= 131072 and mode == "decode":
-        got = tri.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
+        _, sel_fused, wl_fused = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+        rec["fused_selection_equal"] = bool(torch.equal(sel_fused, sel_flat))
+        got = tri.squeezed_attention(q, keys, values, offs, sel_fused, dk, dv, scale, worklist=wl_fused).float()
         want = ref.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
         rec["max_abs_err_vs_twin"] = float((got - want).abs().max())
 
+    def selection(hier: bool):
+        """lookup + threshold selection + work list, fused (centroid_selection: 3 launches, flat)"""
+        if hier:
+            return tri.hierarchical_centroid_selection(q, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n)
+        return tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+
     def ours(hier: bool):
+        def fn():
+            _, sel, wl_ = selection(hier)
+            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
+        return fn
+
+    def ours_unfused(hier: bool):
+        """the calls the engine makes today: scores, select_clusters, squeezed_attention (builds its list)"""
         def fn():
             if hier:
                 s = tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, l1_thr)
@@ -243,10 +260,14 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     t_ = {}
     t_["ours_flat"] = bench(ours(False), graph=True)
     t_["ours_hier"] = bench(ours(True), graph=True)
+    t_["ours_flat_unfused"] = bench(ours_unfused(False), graph=True)
+    t_["ours_hier_unfused"] = bench(ours_unfused(True), graph=True)
     t_["ours_flat_eager"] = bench(ours(False))
     t_["lookup_flat"] = bench(lambda: tri.centroid_scores(q, cent, logn, scale), graph=True)
     t_["lookup_hier"] = bench(lambda: tri.hierarchical_centroid_scores(q, l1c, l1n, l1o, cent, logn, scale, l1_thr),
                               graph=True)
+    t_["lookup_select_worklist_flat"] = bench(lambda: selection(False), graph=True)
+    t_["lookup_select_worklist_hier"] = bench(lambda: selection(True), graph=True)
     t_["lookup_flat_fp32_centroids"] = bench(lambda: tri.centroid_scores(q, corpus["centroids"], logn, scale),
                                              graph=True)
     t_["select_worklist"] = bench(lambda: tri.build_worklist(tri.select_clusters(flat_scores, logn, log_threshold=thr),
@@ -305,11 +326,44 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             log(f"  lookup sweep {mode} {lc}: {lk[str(lc)]}")
         rec["sweep_lookup"] = lk
 
+    if args.decode_sweep and mode == "decode" and batch == 1 and n >= 131072:
+        # decode attention tiles x splits (one CTA of 128-key tiles, 2 stages, holds 128 KB of shared memory)
+        ds = {}
+        for bn, st, w, sp in ((128, 2, 4, 33), (128, 3, 4, 33), (128, 3, 4, 66), (64, 2, 4, 66), (64, 3, 4, 66),
+                              (64, 2, 4, 132), (32, 3, 4, 132), (128, 2, 4, 24)):
+            cfg = AttentionConfig(block_n=bn, num_stages=st, num_warps=w, num_splits=sp)
+            try:
+                ds[f"{bn}/{st}/{w}/{sp}"] = bench(lambda: tri.squeezed_attention(
+                    q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl, config=cfg), graph=True)
+            except Exception as exc:
+                ds[f"{bn}/{st}/{w}/{sp}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+        rec["sweep_decode_attention"] = ds
+        log(f"  decode attention sweep N={n} (block_n/stages/warps/splits): {ds}")
+
+    if args.selection_sweep and mode == "decode" and n >= 131072:
+        # the fused selection's block of clusters (= its work-list chunk): decode reads logits, not centroids
+        sw = {}
+        for bc, w in ((128, 4), (256, 4), (512, 8), (1024, 8)):
+            lc = LookupConfig(scores_block_c=bc, scores_warps=w)
+            sw[f"{bc}/{w}"] = bench(lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc),
+                                    graph=True)
+        for sp in (16, 24, 33, 48, 66):
+            lc = LookupConfig(num_splits=sp)
+            sw[f"splits {sp}"] = bench(lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc),
+                                       graph=True)
+
+            def whole():
+                _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc)
+                return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
+            sw[f"whole path, splits {sp}"] = bench(whole, graph=True)
+        rec["sweep_selection_block"] = sw
+        log(f"  selection block sweep N={n} batch={batch}: {sw}")
+
     if args.splits_sweep and mode == "decode" and batch == 1 and n >= 131072:
         # the split count is a run-time argument (no recompilation): cheap to time here
         rec["sweep_splits"] = {s: bench(lambda: tri.squeezed_attention(
             q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl, config=AttentionConfig(num_splits=s)),
-            graph=True) for s in (8, 16, 33, 66)}
+            graph=True) for s in (8, 16, 33, 66, 132)}
         log(f"  splits sweep N={n}: {rec['sweep_splits']}")
 
     # dense baselines over corpus + dynamic keys, a copy per row as a dense cache holds it
@@ -360,6 +414,10 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[32768, 131072, 524288])
     ap.add_argument("--sweep", action="store_true", help="also time attention tile configs at the largest N")
     ap.add_argument("--splits-sweep", action="store_true", help="time decode split counts at N >= 128K")
+    ap.add_argument("--decode-sweep", action="store_true", help="time decode attention tiles x splits (N >= 128K)")
+    ap.add_argument("--modes", nargs="+", default=["decode1", "decode8", "prefill"],
+                    help="cases per N: decode1 (batch 1), decode8 (batch 8), prefill")
+    ap.add_argument("--selection-sweep", action="store_true", help="time the fused selection's cluster block")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],
                     help="FlexAttention compiles once per shape (tens of seconds): only these N")
@@ -397,7 +455,8 @@ def main():
         t0 = time.time()
         corpus = make_corpus(n)
         log(f"corpus N={n} built in {time.time() - t0:.1f}s")
-        for mode, batch in (("decode", 1), ("decode", 8), ("prefill", 1)):
+        cases = {"decode1": ("decode", 1), "decode8": ("decode", 8), "prefill": ("prefill", 1)}
+        for mode, batch in (cases[m] for m in args.modes):
             t0 = time.time()
             try:
                 rec = run_case(corpus, mode, batch, args, flex_fn, log)
@@ -423,12 +482,13 @@ def markdown(meta, records) -> str:
     lines = [f"Kernel benchmark, {meta['date']}, {meta['gpu']} ({meta['sms']} SMs), torch {meta['torch']}, "
              f"triton {meta['triton']}, CUDA {meta['cuda']}. Llama-3-8B attention (32 q heads, 8 KV heads, d=128, "
              f"bf16), 5% clusters, ~10% of keys kept, 1024 dynamic tokens. Device copy {meta['copy_tbps']:.2f} TB/s "
-             "(read + write). Times in ms, median; ours = lookup + selection + work list + attention + merge, one "
-             "CUDA graph.",
+             "(read + write). Times in ms, median; ours = lookup + selection + work list (fused) + attention + merge, "
+             "one CUDA graph; unfused = the same through centroid_scores + select_clusters + squeezed_attention.",
              "",
-             "| N | mode | batch | ours flat | ours hier | lookup flat / hier | attention | SDPA (cuDNN) | SDPA FA2 "
+             "| N | mode | batch | ours flat | ours hier | unfused flat / hier | lookup flat / hier "
+             "| lookup + sel. + list flat | attention | SDPA (cuDNN) | SDPA FA2 "
              "| Flex (same sel.) | speedup vs SDPA / FA2 / Flex | ours TB/s | kept | hier recall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['n']} | {r['mode']} | {r['batch']} | error: {r['error'][:80]} |")
@@ -441,7 +501,9 @@ def markdown(meta, records) -> str:
         sp = " / ".join(f"{r[k]:.1f}x" if k in r else "-" for k in ("speedup_vs_sdpa", "speedup_vs_fa2",
                                                                       "speedup_vs_flex"))
         lines.append(f"| {r['n'] // 1024}K | {r['mode']} | {r['batch']} | {f('ours_flat')} | {f('ours_hier')} | "
-                     f"{f('lookup_flat')} / {f('lookup_hier')} | {f('attention')} | {f('sdpa')} | {f('sdpa_fa2')} | "
+                     f"{f('ours_flat_unfused')} / {f('ours_hier_unfused')} | "
+                     f"{f('lookup_flat')} / {f('lookup_hier')} | {f('lookup_select_worklist_flat')} | "
+                     f"{f('attention')} | {f('sdpa')} | {f('sdpa_fa2')} | "
                      f"{f('flex')} | {sp} | {r['tbps_ours']:.2f} | {r['kept_frac']:.3f} | {r['hier_recall']:.3f} |")
     return "\n".join(lines) + "\n"
 

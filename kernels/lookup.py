@@ -21,6 +21,12 @@ Hierarchical: level 1 is scored by the flat path; the level-2 centroids of the k
 become a compact index list (:mod:`.worklist`; level-2 centroids are sorted by parent), and only those
 are ever loaded. The denominator adds the pruned level-1 clusters by their centroids (a stats pass over
 level 1 with the kept clusters excluded, written as extra partials next to the level-2 ones).
+
+Selection, fused (:func:`centroid_selection`): the scores pass also applies the threshold, writes the
+selection and the selected key count of its block of clusters, and the work list's expansion
+(:func:`.worklist.expand_worklist`) takes those blocks as its chunks: 3 launches for lookup + selection
++ work list instead of 5 (decode batch 1 on the H200: 128K 0.060 -> 0.050 ms for the whole path, 32K
+0.046 -> 0.029; benchmarks/results/kernels_notes.md).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .hardware import num_sms
-from .worklist import build_worklist
+from .worklist import build_worklist, expand_worklist, select_worklist
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -115,7 +121,7 @@ def _stats_kernel(
 
 @triton.jit
 def _scores_kernel(
-    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT,
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -123,8 +129,9 @@ def _scores_kernel(
     KVH, G, T, ROWS,
     n_split_total,
     logit_scale, log_rows,
+    stride_coff, log_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
-    USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -181,6 +188,16 @@ def _scores_kernel(
     score = (col_max + tl.log2(col_sum)) * 0.6931471805599453 - log_rows
     score = tl.where(lw == float("-inf"), float("-inf"), score)
     tl.store(OUT + row.to(tl.int64) * n_cent + c, score, mask=jm)
+    if SELECT:
+        # threshold selection + this block's selected key count (the work list's chunk sum), fused:
+        # the same test as selection._threshold_kernel on the same float32 score
+        inf = float("inf")
+        keep = (score > -inf) & (score < inf) & (lw > -inf) & (lw < inf) & (score >= log_threshold)
+        tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
+        lo = tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)
+        hi = tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
+        size = tl.where(keep & jm, hi - lo, 0).to(tl.int32)
+        tl.store(SUMS + row * tl.num_programs(1) + pid_c, tl.sum(size, 0))
 
 
 @dataclass(frozen=True)
@@ -269,28 +286,42 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
     )
 
 
-def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None):
+def _scores_block_c(rq: _Rows) -> int:
+    """Centroids per scores program (in centroid_selection also the work list's chunk). Decode reads stored
+    logits: 256 there, measured on the H200 with the fused selection (lookup + selection + work list, ms;
+    blocks of 128 / 256 / 512 (8 warps) / 1024 (8 warps)): 128K batch 1 0.0213 / 0.0200 / 0.0211 / 0.0223,
+    batch 8 0.052 / 0.046 / 0.048 / 0.053; 512K batch 1 0.0456 / 0.0411 / 0.0400 / 0.0443, batch 8 0.183 /
+    0.157 / 0.157 / 0.155. Prefill recomputes the logits from the centroid tile: 128 (see _scores)."""
+    return rq.cfg.scores_block_c or (256 if rq.decode else 128)
+
+
+def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
+            select=None):
+    """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
+    log_threshold)``: also the threshold selection and its per-block selected key counts."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
-    block_c = rq.cfg.scores_block_c or 128
+    block_c = _scores_block_c(rq)
     block_m = rq.cfg.scores_block_m or (16 if from_logits else (64 if cent.is_cuda else 32))
     # 8 warps for the recomputing scores pass: with 4 it measured 1.63 ms alone but 1.70 together with the
     # 4-warp stats pass, against 1.55 for 4-warp stats + 8-warp scores (prefill, 512K)
     warps = rq.cfg.scores_warps or (4 if from_logits else 8)
     grid = (rq.b * rq.kvh, triton.cdiv(n_cent, block_c))
     dummy = m_buf
+    sel, sums, c_offs, thr = select if select is not None else (dummy, dummy, dummy, 0.0)
     _scores_kernel[grid](
         rq.q, cent, logn,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
-        m_buf, l_buf, logits if from_logits else dummy, out,
+        m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
         n_split_total,
         scale * LOG2E, math.log(rq.rows),
+        c_offs.stride(0) if select is not None else 0, float(thr),
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
-        USE_LIST=lst is not None, FROM_LOGITS=from_logits,
+        USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None,
         num_warps=warps, num_stages=rq.stages,
     )
 
@@ -313,18 +344,52 @@ def centroid_scores(
     rq = _Rows(q, kvh, config)
     _check_centroids(centroids, log_counts, kvh, rq.d)
     cent, logn = _prep(centroids, log_counts)
+    out = torch.empty(rq.b, kvh, cent.shape[1], dtype=torch.float32, device=q.device)
+    if cent.shape[1]:
+        _flat_lookup(rq, cent, logn, scale, out)
+    return out
+
+
+def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     n_cent = cent.shape[1]
-    out = torch.empty(rq.b, kvh, n_cent, dtype=torch.float32, device=q.device)
-    if n_cent == 0:
-        return out
     ns = rq.splits(n_cent)
-    m_buf = torch.empty(rq.b * kvh, ns, rq.rows, dtype=torch.float32, device=q.device)
+    m_buf = torch.empty(rq.b * rq.kvh, ns, rq.rows, dtype=torch.float32, device=rq.q.device)
     l_buf = torch.empty_like(m_buf)
-    logits = (torch.empty(rq.b * kvh, rq.rows, n_cent, dtype=torch.float32, device=q.device)
+    logits = (torch.empty(rq.b * rq.kvh, rq.rows, n_cent, dtype=torch.float32, device=rq.q.device)
               if rq.decode else None)
     _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale)
-    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale)
-    return out
+    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select)
+
+
+def centroid_selection(
+    q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
+    cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
+    *, config: LookupConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Triton twin of :func:`sqz_kernels.reference.centroid_selection`: the flat lookup, the threshold
+    selection and the work list in three launches (stats, scores + selection + per-block key counts,
+    work-list expansion) where ``centroid_scores`` + ``select_clusters`` + ``build_worklist`` take five.
+
+    Returns ``(scores (B, KVH, C) float32, selected (B, KVH, C) bool, worklist = (idx, cum))``; pass the
+    work list to ``squeezed_attention(..., worklist=worklist)``.
+    """
+    kvh = centroids.shape[0]
+    rq = _Rows(q, kvh, config)
+    _check_centroids(centroids, log_counts, kvh, rq.d)
+    n_cent = centroids.shape[1]
+    if cluster_offsets.shape != (kvh, n_cent + 1) or n_cent == 0:
+        raise ValueError(f"cluster_offsets {tuple(cluster_offsets.shape)} must be (kv_heads, clusters + 1), "
+                         f"clusters >= 1")
+    cent, logn = _prep(centroids, log_counts)
+    offs = cluster_offsets.contiguous()
+    dev = q.device
+    scores = torch.empty(rq.b, kvh, n_cent, dtype=torch.float32, device=dev)
+    selected = torch.empty(rq.b, kvh, n_cent, dtype=torch.bool, device=dev)
+    block_c = _scores_block_c(rq)
+    sums = torch.empty(rq.b * kvh, triton.cdiv(n_cent, block_c), dtype=torch.int32, device=dev)
+    sel = selected.view(torch.int8)
+    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold))
+    return scores, selected, expand_worklist(sel, offs, sums, block_c, n_keys)
 
 
 def hierarchical_centroid_scores(
@@ -373,3 +438,26 @@ def hierarchical_centroid_scores(
     _stats(rq, cent, logn, m_buf, l_buf, ns1, ns1 + ns2, ns2, logits, scale, lst=lst, lcum=lcum)
     _scores(rq, cent, logn, m_buf, l_buf, ns1 + ns2, logits, out, scale, lst=lst, lcum=lcum)
     return out
+
+
+def hierarchical_centroid_selection(
+    q: torch.Tensor,
+    l1_centroids: torch.Tensor,
+    l1_log_counts: torch.Tensor,
+    l1_offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    l1_log_threshold: float,
+    cluster_offsets: torch.Tensor,
+    log_threshold: float,
+    n_keys: int,
+    *,
+    config: LookupConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Triton twin of :func:`sqz_kernels.reference.hierarchical_centroid_selection`: the hierarchical
+    lookup, then the threshold selection folded into the work list's first launch."""
+    scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts, scale,
+                                          l1_log_threshold, config=config)
+    selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys)
+    return scores, selected, worklist

@@ -147,6 +147,67 @@ def select_clusters(
     return selected & valid
 
 
+def build_worklist(
+    selected: torch.Tensor, offsets: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected ranges -> ``(idx, cum)``: ``idx (batch, kv_heads, capacity)`` int32 whose first
+    ``cum[..., -1]`` entries are the indices of the selected ranges, in order (range ``c`` of KV head ``h``
+    is ``offsets[h, c] : offsets[h, c + 1]``); ``cum (batch, kv_heads, n)`` int32, the inclusive prefix of
+    the selected range sizes. Entries of ``idx`` after ``cum[..., -1]`` are unspecified (here: 0)."""
+    b, kvh, n = selected.shape
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).long()
+    cum = torch.cumsum(selected.long() * sizes.unsqueeze(0), dim=-1).to(torch.int32)
+    end = int(offsets[:, -1].max()) if n else 0
+    idx = torch.zeros(b, kvh, max(capacity, 1), dtype=torch.int32, device=selected.device)
+    if end:
+        sel_keys = cluster_key_mask(selected, offsets, end)  # always-kept keys after offsets[h, -1] are True
+        pos = torch.arange(end, device=selected.device)
+        sel_keys &= pos < offsets[:, -1:].unsqueeze(0)
+        order = torch.argsort((~sel_keys).to(torch.int8), dim=-1, stable=True)  # selected keys first, in order
+        idx[..., :end] = order.to(torch.int32)
+    return idx, cum
+
+
+def select_worklist(
+    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``select_clusters(..., log_threshold=...)`` and :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
+    selected = select_clusters(log_scores, log_counts, log_threshold=log_threshold)
+    return selected, build_worklist(selected, offsets, capacity)
+
+
+def centroid_selection(
+    q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
+    cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The flat lookup, its threshold selection and the work list in one call:
+    ``(centroid_scores(...), select_clusters(..., log_threshold=...), build_worklist(selected, cluster_offsets,
+    n_keys))``. The work list goes to ``squeezed_attention(..., worklist=...)``."""
+    scores = centroid_scores(q, centroids, log_counts, scale)
+    selected = select_clusters(scores, log_counts, log_threshold=log_threshold)
+    return scores, selected, build_worklist(selected, cluster_offsets, n_keys)
+
+
+def hierarchical_centroid_selection(
+    q: torch.Tensor,
+    l1_centroids: torch.Tensor,
+    l1_log_counts: torch.Tensor,
+    l1_offsets: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    l1_log_threshold: float,
+    cluster_offsets: torch.Tensor,
+    log_threshold: float,
+    n_keys: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`centroid_selection` with the hierarchical lookup."""
+    scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts,
+                                          scale, l1_log_threshold)
+    selected = select_clusters(scores, log_counts, log_threshold=log_threshold)
+    return scores, selected, build_worklist(selected, cluster_offsets, n_keys)
+
+
 def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int) -> torch.Tensor:
     """Selected clusters -> ``(batch, kv_heads, n_keys)`` bool over the corpus keys, always-kept keys True."""
     b, kvh, c = selected.shape
@@ -180,12 +241,14 @@ def sparse_attention(
     cluster_offsets: torch.Tensor,
     selected: torch.Tensor,
     scale: float,
+    *,
+    worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of ``q`` over the keys of the selected clusters plus the always-kept keys.
 
     ``cluster_offsets``: ``(kv_heads, clusters + 1)``; keys at and after ``cluster_offsets[:, -1]`` are
     always attended. ``selected``: ``(batch, kv_heads, clusters)`` bool, one selection for all tokens of
-    a row. Returns ``out (batch, heads, tokens, head_dim)`` float32 (normalised within this part) and
+    a row. ``worklist`` (the Triton path's precomputed :func:`build_worklist`) is accepted and ignored. Returns ``out (batch, heads, tokens, head_dim)`` float32 (normalised within this part) and
     ``lse (batch, heads, tokens)`` float32; a query with no key at all gets ``out = 0``, ``lse = -inf``.
     """
     b, h, t, d = q.shape
@@ -238,10 +301,13 @@ def squeezed_attention(
     dyn_keys: torch.Tensor,
     dyn_values: torch.Tensor,
     scale: float,
+    *,
+    worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The whole online attention: sparse corpus part merged with the dense causal dynamic part.
 
-    Returns ``(batch, heads, tokens, head_dim)`` in ``q``'s dtype.
+    Returns ``(batch, heads, tokens, head_dim)`` in ``q``'s dtype. ``worklist`` is accepted and ignored
+    (see :func:`sparse_attention`).
     """
     o_s, l_s = sparse_attention(q, keys, values, cluster_offsets, selected, scale)
     o_d, l_d = causal_attention(q, dyn_keys, dyn_values, scale)

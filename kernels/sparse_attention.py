@@ -12,8 +12,9 @@ GQA group in one tile, so each key load serves the whole group), one split of th
 - online softmax in log2 space (``exp2``, scale folded into ``qk_scale``).
 
 Decode has few rows, so the keys are split across programs (flash-decoding) and the partial results
-are merged exactly by their log-sum-exp in :func:`_combine_kernel`; the dynamic part is then a split of
-its own. Prefill has enough row tiles to fill the GPU and writes its output directly.
+are merged exactly by their log-sum-exp in :func:`_combine_kernel`; the dynamic key tiles are dealt
+round-robin over the same splits. Prefill has enough row tiles to fill the GPU and writes its output
+directly.
 """
 from __future__ import annotations
 
@@ -105,10 +106,13 @@ def _attn_kernel(
         qd = q.to(DK.dtype.element_ty)
         pos = m_dyn - T + t  # the query's position among the dynamic keys
         t_max = tl.max(tl.where(rmask, t, 0), 0)
-        hi_d = tl.where(pid_s == n_split_total - 1, m_dyn - T + t_max + 1, 0)
+        hi_d = m_dyn - T + t_max + 1  # causal: no later key is seen by this row tile
         dk_base = DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
         dv_base = DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-        for start in range(0, hi_d, BLOCK_N):
+        # the dynamic key tiles are dealt round-robin over the splits, starting with the last split (the
+        # shortest corpus share): one extra program that read all 1024 dynamic keys alone was the critical
+        # path of decode at 128K (its 8 tiles against ~3 corpus tiles per split)
+        for start in range((n_split_total - 1 - pid_s) * BLOCK_N, hi_d, n_split_total * BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nm = n < m_dyn
             k = tl.load(dk_base + n[:, None].to(tl.int64) * stride_dkn + d[None, :], mask=nm[:, None], other=0.0)
@@ -233,13 +237,16 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         # flash-decoding: about 2 programs per SM, each with at least ~8 key tiles of the corpus.
         # Measured at 512K, batch 1 (8 programs before splitting), 16 x 64 tiles: 16 / 32 / 66 / 132 / 264
         # splits took 0.112 / 0.080 / 0.090 / 0.092 / 0.107 ms; with 16 x 128 tiles, 8 / 16 / 33 / 66 splits
-        # took 0.138 / 0.090 / 0.074 / 0.079 ms at 512K and 0.050 / 0.037 / 0.039 / 0.048 ms at 128K.
+        # took 0.138 / 0.090 / 0.074 / 0.079 ms at 512K and 0.050 / 0.037 / 0.039 / 0.048 ms at 128K (then the
+        # 1024 dynamic keys were one extra split of their own, the longest one at 128K). With the dynamic
+        # tiles dealt over the splits (2026-11-29): 8 / 16 / 33 / 66 / 132 splits 0.055 / 0.039 / 0.034 /
+        # 0.039 / 0.044 ms at 128K and 0.153 / 0.096 / 0.074 / 0.088 / 0.089 at 512K; 64-key tiles with 66
+        # splits 0.035 / 0.076, 3 stages (128 or 64 keys) slower everywhere (kernels_sweep_20261129-0151).
         n_keys = corpus[0].shape[1]
         n_split_c = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n_keys, 8 * block_n)))
         if programs >= sms:
             n_split_c = 1
-    dyn_separate = dyn is not None and corpus is not None and n_split_c > 1
-    n_split_total = n_split_c + (1 if dyn_separate else 0)
+    n_split_total = n_split_c  # the dynamic keys are shared out over the same splits
     final = n_split_total == 1
 
     out = torch.empty(b, h, t, d, dtype=out_dtype, device=dev)

@@ -2,12 +2,18 @@
 kernel; this module only gathers them). ``cluster_key_mask`` is a bookkeeping helper and stays torch."""
 from __future__ import annotations
 
-from .lookup import LookupConfig, centroid_scores, hierarchical_centroid_scores
+from .lookup import (
+    LookupConfig,
+    centroid_scores,
+    centroid_selection,
+    hierarchical_centroid_scores,
+    hierarchical_centroid_selection,
+)
 from .merge import merge_attention
 from .reference import cluster_key_mask
 from .selection import select_clusters
 from .sparse_attention import AttentionConfig, causal_attention, sparse_attention, squeezed_attention
-from .worklist import build_worklist
+from .worklist import build_worklist, select_worklist
 
 __all__ = [
     "AttentionConfig",
@@ -15,10 +21,13 @@ __all__ = [
     "build_worklist",
     "causal_attention",
     "centroid_scores",
+    "centroid_selection",
     "cluster_key_mask",
     "hierarchical_centroid_scores",
+    "hierarchical_centroid_selection",
     "merge_attention",
     "select_clusters",
+    "select_worklist",
     "sparse_attention",
     "squeezed_attention",
 ]

@@ -20,6 +20,9 @@ threshold selection + both launches took 23 us (batch 8: 47 us) with a binary se
 dependent loads of ``cum``), and take 16 us (batch 8: 34 us) with the markers; at 32K-128K keys 20 -> 13.5
 us (benchmarks/results/kernels_worklist_search_20261128-2339 against kernels_20261128-2340).
 
+:func:`select_worklist` folds the threshold selection into launch 1; :func:`.lookup.centroid_selection`
+folds it and launch 1 into the lookup's scores pass and calls :func:`expand_worklist` alone.
+
 The list has room for every index (``capacity`` = the total length); slots at and after ``cum[-1]`` are
 left unwritten and are never read (readers bound themselves by ``cum[-1]``).
 """
@@ -30,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 
 # 1024 ranges per program: 26 chunks per row for 26K clusters (512K keys at 5%), so a batch-1 row still
 # spreads over 26 programs; the chunk scan is one tl.cumsum. Not swept: the two launches together are
@@ -52,10 +56,24 @@ def _sizes(SEL, OFFS, row, off_row, stride_off, n_ranges, k, CHUNK: tl.constexpr
 
 
 @triton.jit
-def _chunk_sum_kernel(SEL, OFFS, SUMS, n_ranges, n_chunks, offset_rows, stride_off, CHUNK: tl.constexpr):
+def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, n_ranges, n_chunks, offset_rows, stride_off,
+                      log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr):
     row = tl.program_id(0)
     k = tl.program_id(1)
-    _, _, size = _sizes(SEL, OFFS, row, row % offset_rows, stride_off, n_ranges, k, CHUNK)
+    if FROM_SCORES:
+        # the threshold selection folded in (one launch less): SEL is written here, as select_clusters would
+        c = k * CHUNK + tl.arange(0, CHUNK)
+        cm = c < n_ranges
+        s = tl.load(SCORES + row.to(tl.int64) * n_ranges + c, mask=cm, other=float("-inf"))
+        lc = tl.load(LOG_COUNTS + (row % offset_rows) * n_ranges + c, mask=cm, other=float("-inf"))
+        inf = float("inf")
+        keep = (s > -inf) & (s < inf) & (lc > -inf) & (lc < inf) & (s >= log_threshold)
+        tl.store(SEL + row.to(tl.int64) * n_ranges + c, keep.to(tl.int8), mask=cm)
+        lo = tl.load(OFFS + (row % offset_rows) * stride_off + c, mask=cm, other=0)
+        hi = tl.load(OFFS + (row % offset_rows) * stride_off + c + 1, mask=cm, other=0)
+        size = tl.where(keep, hi - lo, 0).to(tl.int32)
+    else:
+        _, _, size = _sizes(SEL, OFFS, row, row % offset_rows, stride_off, n_ranges, k, CHUNK)
     tl.store(SUMS + row * n_chunks + k, tl.sum(size, 0))
 
 
@@ -123,6 +141,32 @@ def _scan_expand_kernel(
             tl.store(idx_row + j, end - (cum_c - j), mask=valid)
 
 
+def expand_worklist(
+    sel: torch.Tensor, offsets: torch.Tensor, sums: torch.Tensor, chunk: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second launch alone: ``sel`` ``(batch, kv_heads, n)`` int8 and ``sums`` ``(batch * kv_heads,
+    n_chunks)`` int32, the selected sizes per chunk of ``chunk`` ranges (written by
+    :func:`_chunk_sum_kernel` or, fused, by the lookup's scores pass) -> ``(idx, cum)``."""
+    b, kvh, n = sel.shape
+    n_chunks = sums.shape[1]
+    cum = torch.empty(b, kvh, n, dtype=torch.int32, device=sel.device)
+    idx = torch.empty(b, kvh, max(capacity, 1), dtype=torch.int32, device=sel.device)
+    _scan_expand_kernel[(b * kvh, n_chunks)](
+        sel, offsets, sums, cum, idx, n, n_chunks, idx.shape[-1], kvh, offsets.stride(0),
+        CHUNK=chunk, CHUNKS_P2=triton.next_power_of_2(n_chunks), SLOTS=_SLOTS,
+        SEARCH_STEPS=max(1, (min(n, chunk) - 1).bit_length()), MARKERS=_MARKERS,
+    )
+    return idx, cum
+
+
+def _check(b_kvh_n, offsets):
+    b, kvh, n = b_kvh_n
+    if offsets.shape != (kvh, n + 1):
+        raise ValueError(f"offsets {tuple(offsets.shape)} do not match selected {(b, kvh, n)}")
+    if n == 0:
+        raise ValueError("need at least one range")
+
+
 def build_worklist(
     selected: torch.Tensor, offsets: torch.Tensor, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,22 +179,30 @@ def build_worklist(
     prefix of the selected range sizes.
     """
     b, kvh, n = selected.shape
-    if offsets.shape != (kvh, n + 1):
-        raise ValueError(f"offsets {tuple(offsets.shape)} do not match selected {tuple(selected.shape)}")
-    if n == 0:
-        raise ValueError("need at least one range")
+    _check(selected.shape, offsets)
     offsets = offsets.contiguous()
     sel = selected.contiguous().view(torch.int8)
-    dev = selected.device
     n_chunks = triton.cdiv(n, _CHUNK)
-    sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=dev)
-    cum = torch.empty(b, kvh, n, dtype=torch.int32, device=dev)
-    idx = torch.empty(b, kvh, max(capacity, 1), dtype=torch.int32, device=dev)
-    grid = (b * kvh, n_chunks)
-    _chunk_sum_kernel[grid](sel, offsets, sums, n, n_chunks, kvh, offsets.stride(0), CHUNK=_CHUNK)
-    _scan_expand_kernel[grid](
-        sel, offsets, sums, cum, idx, n, n_chunks, idx.shape[-1], kvh, offsets.stride(0),
-        CHUNK=_CHUNK, CHUNKS_P2=triton.next_power_of_2(n_chunks), SLOTS=_SLOTS,
-        SEARCH_STEPS=max(1, (min(n, _CHUNK) - 1).bit_length()), MARKERS=_MARKERS,
-    )
-    return idx, cum
+    sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=selected.device)
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, n, n_chunks, kvh, offsets.stride(0), 0.0,
+                                           CHUNK=_CHUNK, FROM_SCORES=False)
+    return expand_worklist(sel, offsets, sums, _CHUNK, capacity)
+
+
+def select_worklist(
+    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``select_clusters(log_scores, log_counts, log_threshold=...)`` and :func:`build_worklist` of it in
+    two launches instead of three: ``(selected, (idx, cum))``."""
+    b, kvh, n = log_scores.shape
+    _check(log_scores.shape, offsets)
+    offsets = offsets.contiguous()
+    scores = log_scores.to(torch.float32).contiguous()
+    counts = log_counts.to(torch.float32).contiguous()
+    selected = torch.empty(b, kvh, n, dtype=torch.bool, device=log_scores.device)
+    sel = selected.view(torch.int8)
+    n_chunks = triton.cdiv(n, _CHUNK)
+    sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=log_scores.device)
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, n, n_chunks, kvh, offsets.stride(0),
+                                           float(log_threshold), CHUNK=_CHUNK, FROM_SCORES=True)
+    return selected, expand_worklist(sel, offsets, sums, _CHUNK, capacity)

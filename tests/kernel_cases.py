@@ -43,6 +43,10 @@ _case("lookup-d128-centroids16", kind="lookup", b=1, kvh=1, g=4, t=2, d=128, c=7
       cent_dtype="float16")
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
 _case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
+_case("selection-decode", kind="selection", b=2, kvh=2, g=4, t=1, d=64, c=150, n=1201, tail=5, m=20,
+      dtype="float16")
+_case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
+      dtype="float32", p=9)
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
 _case("select-budget", kind="select_budget", b=2, kvh=3, c=41)
 _case("worklist", kind="worklist", b=3, kvh=2, c=29, n=301)
@@ -74,6 +78,10 @@ GPU_CASES: dict[str, dict] = {
     "real-hier-prefill": dict(kind="hier", b=1, kvh=8, g=4, t=128, d=128, c=1638, p=328),
     "real-sparse-decode-b8": dict(kind="sparse", b=8, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100),
     "real-causal-prefill": dict(kind="causal", b=1, kvh=8, g=4, t=512, m=640, d=128),
+    "real-selection-decode": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100,
+                                  m=300),
+    "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
+                                        tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
     "real-squeezed-prefill": dict(kind="squeezed", b=1, kvh=8, g=4, t=256, d=128, c=1638, n=32768, tail=100,
                                   m=256),
@@ -160,6 +168,82 @@ def _selection(kind, b, kvh, c, offsets, gen):
     return sel.to(offsets.device)
 
 
+def _mid_gap_threshold(scores, lo_q=0.80, hi_q=0.95):
+    """A threshold in the widest gap between finite scores between two quantiles, so that rounding (tf32
+    on the GPU) cannot move a cluster across it; about 10% of the clusters pass."""
+    import torch
+
+    finite = torch.sort(scores[torch.isfinite(scores)].float().cpu()).values
+    lo_i = min(int(len(finite) * lo_q), len(finite) - 2)
+    hi_i = max(min(int(len(finite) * hi_q), len(finite) - 1), lo_i + 1)
+    gaps = finite[lo_i + 1:hi_i + 1] - finite[lo_i:hi_i]
+    k = lo_i + int(torch.argmax(gaps))
+    return float(finite[k] + finite[k + 1]) / 2
+
+
+def _level1(cent, logn, n_l1, kvh, d, device, gen):
+    """Level-1 clusters over the level-2 ones (sorted by parent), one of them empty."""
+    import torch
+
+    c = cent.shape[1]
+    cuts = torch.sort(torch.randint(0, c + 1, (n_l1 - 1,), generator=gen)).values
+    l1_off = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([c])]).expand(kvh, -1).contiguous()
+    l1_off[:, 2] = l1_off[:, 1]  # an empty level-1 cluster
+    l1_off = torch.cummax(l1_off, 1).values.to(device)
+    cnt = torch.exp(logn.float())  # level-1 centroid = count-weighted mean of its level-2 centroids
+    sizes1 = (l1_off[:, 1:] - l1_off[:, :-1]).cpu()
+    parent = torch.stack([torch.repeat_interleave(torch.arange(n_l1), sizes1[h]) for h in range(kvh)]).to(device)
+    l1_cnt = torch.zeros(kvh, n_l1, device=device).scatter_add_(1, parent, cnt)
+    l1_sum = torch.zeros(kvh, n_l1, d, device=device).scatter_add_(
+        1, parent.unsqueeze(-1).expand(-1, -1, d), cent.float() * cnt.unsqueeze(-1))
+    return l1_sum / l1_cnt.clamp_min(1e-30).unsqueeze(-1), torch.log(l1_cnt), l1_off
+
+
+def _selection_case(name, p, device, dtype, gen, tol):
+    """centroid_selection / hierarchical_centroid_selection (lookup + threshold + work list, fused) against
+    the twins, then squeezed_attention given that work list against the torch path."""
+    import torch
+
+    from sqz_kernels import reference as ref
+    from sqz_kernels import triton_ops as tri
+
+    b, kvh, g, t, d, c, n, tail, m = (p[k] for k in ("b", "kvh", "g", "t", "d", "c", "n", "tail", "m"))
+    keys, values, offs, cent, logn = corpus(kvh, c, n, tail, d, dtype, device, gen)
+    q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
+    scale = d ** -0.5
+    if "p" in p:
+        l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
+        l1_thr = _mid_gap_threshold(ref.centroid_scores(q, l1_cent, l1_logn, scale), 0.3, 0.7)
+        want_s = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr)
+        thr = _mid_gap_threshold(want_s, 0.5, 0.9)
+        got = tri.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
+        want = ref.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
+    else:
+        thr = _mid_gap_threshold(ref.centroid_scores(q, cent, logn, scale))
+        got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+        want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n)
+    (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
+    msg = _report(f"{name} scores", gs, ws, *tol["score"])
+    if msg:
+        return msg
+    if not torch.equal(gsel.cpu(), wsel.cpu()):
+        return f"{name}: {int((gsel.cpu() != wsel.cpu()).sum())} selected clusters differ"
+    if int(wsel.sum()) == 0:
+        return f"{name}: the test threshold selected nothing"
+    if not torch.equal(gcum.cpu(), wcum.cpu()):
+        return f"{name}: cum differs"
+    for bi in range(b):
+        for h in range(kvh):
+            cnt = int(wcum[bi, h, -1])
+            if not torch.equal(gidx[bi, h, :cnt].cpu(), widx[bi, h, :cnt].cpu()):
+                return f"{name}: work list of row ({bi},{h}) differs"
+    dk = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+    dv = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+    out = tri.squeezed_attention(q, keys, values, offs, gsel, dk, dv, scale, worklist=(gidx, gcum))
+    ref_out = ref.squeezed_attention(q, keys, values, offs, wsel, dk, dv, scale, worklist=(widx, wcum))
+    return _report(f"{name} attention", out, ref_out, *tol["out"])
+
+
 def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> str | None:
     import torch
     import torch.nn.functional as F
@@ -185,29 +269,11 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
             got = tri.centroid_scores(q, cent, logn, scale)
             want = ref.centroid_scores(q, cent, logn, scale)
             return _report(name, got, want, *tol["score"])
-        # level 1: parents over the level-2 clusters, sorted by parent
-        n_l1 = p["p"]
-        cuts = torch.sort(torch.randint(0, c + 1, (n_l1 - 1,), generator=gen)).values
-        l1_off = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([c])]).expand(kvh, -1).contiguous()
-        l1_off[:, 2] = l1_off[:, 1]  # an empty level-1 cluster
-        l1_off = torch.cummax(l1_off, 1).values.to(device)
-        cnt = torch.exp(logn.float())  # level-1 centroid = count-weighted mean of its level-2 centroids
-        sizes1 = (l1_off[:, 1:] - l1_off[:, :-1]).cpu()
-        parent = torch.stack([torch.repeat_interleave(torch.arange(n_l1), sizes1[h]) for h in range(kvh)]).to(device)
-        l1_cnt = torch.zeros(kvh, n_l1, device=device).scatter_add_(1, parent, cnt)
-        l1_sum = torch.zeros(kvh, n_l1, d, device=device).scatter_add_(
-            1, parent.unsqueeze(-1).expand(-1, -1, d), cent.float() * cnt.unsqueeze(-1))
-        l1_cent = l1_sum / l1_cnt.clamp_min(1e-30).unsqueeze(-1)
-        l1_logn = torch.log(l1_cnt)
+        l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
         flat_l1 = ref.centroid_scores(q, l1_cent, l1_logn, scale)
-        finite = torch.sort(flat_l1[torch.isfinite(flat_l1)]).values
-        # a threshold in the widest gap between scores near the median, so that rounding (tf32 on the
-        # GPU) cannot move a level-1 cluster across it
-        lo_i, hi_i = len(finite) // 4, max(len(finite) * 3 // 4, len(finite) // 4 + 1)
-        gaps = finite[lo_i + 1:hi_i + 1] - finite[lo_i:hi_i]
-        k = lo_i + int(torch.argmax(gaps))
-        mid = float(finite[k] + finite[k + 1]) / 2
-        for thr in (float("-inf"), mid, float(finite.max()) + 1.0):
+        mid = _mid_gap_threshold(flat_l1, 0.25, 0.75)
+        top = float(flat_l1[torch.isfinite(flat_l1)].max())
+        for thr in (float("-inf"), mid, top + 1.0):
             got = tri.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, thr)
             want = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, thr)
             msg = _report(f"{name} thr={thr:.3g}", got, want, *tol["score"])
@@ -219,6 +285,9 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
                 if msg:
                     return msg
         return None
+
+    if kind == "selection":
+        return _selection_case(name, p, device, dtype, gen, tol)
 
     if kind in ("select", "select_budget"):
         b, kvh, c = p["b"], p["kvh"], p["c"]
