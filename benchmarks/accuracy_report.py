@@ -6,9 +6,10 @@ from pathlib import Path
 from statistics import mean, median
 
 FAMILY_ORDER = (
-    "full", "squeezed-flat", "squeezed-hier", "kvpress-none", "kvpress-snapkv", "kvpress-streamingllm",
+    "full", "squeezed-flat", "squeezed-hier", "squeezed-dq", "kvpress-none", "kvpress-snapkv", "kvpress-streamingllm",
     "kvpress-expected_attention", "kvpress-knorm", "rag-minilm", "rag-bm25",
 )
+SQUEEZED = ("squeezed-flat", "squeezed-hier", "squeezed-dq")
 JUDGE_THRESHOLD = 0.6  # lengths where full KV scores at least this are the ones the targets judge
 
 
@@ -75,13 +76,13 @@ def targets(systems: dict) -> list[dict]:
     out = []
     full = acc("full@1")
     for budget, slack in ((0.25, 0.02), (0.125, 0.05)):
-        for fam in ("squeezed-flat", "squeezed-hier"):
+        for fam in SQUEEZED:
             a = acc(f"{fam}@{budget:g}")
             if a is not None and full is not None:
                 out.append({"target": f"{fam}@{budget:g} within {slack * 100:g} points of full KV",
                             "value": a, "reference": full, "met": a >= full - slack - 1e-9})
     budgets = sorted({s["kv_budget"] for s in systems.values() if s["family"].startswith("squeezed")})
-    for fam in ("squeezed-flat", "squeezed-hier"):
+    for fam in SQUEEZED:
         for b in budgets:
             mine = acc(f"{fam}@{b:g}")
             if mine is None:

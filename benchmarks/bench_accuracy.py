@@ -12,6 +12,8 @@ Writes ``<out>/<name>.json``, ``<name>.md`` and PNG plots (``<name>`` is ``accur
   (stopping there cannot change a "contains the value" score, and saves decoding time);
 - full KV = the engine at ``kv_budget=1.0`` (exact full-KV reuse);
 - squeezed = the engine at each budget, flat and hierarchical, all from ONE corpus build per case;
+  squeezed-dq = flat, with the question's tokens reading the whole corpus and only the generated
+  tokens at the budget (``question_budget=1.0``; its measured kept fraction counts the dense read);
 - kvpress = presses through kvpress's pipeline in ``.venv-kvpress`` (``kvpress_runner.py``), on
   the same prompt token ids, one shared prefill per case (proved equal to one pipeline run per
   press and budget on ``--validate-cases`` cases, reported in the results);
@@ -161,9 +163,11 @@ def case_fields(case: niah.Case) -> dict:
 
 
 # ---------------------------------------------------------------------------- systems
-def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes) -> list[dict]:
+def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes, dense_question: bool = True) -> list[dict]:
     """One corpus build (prefill + K-means + calibration, level-1 centroids included), then full KV
-    and every budget, flat and hierarchical, from that one build."""
+    and every budget, flat and hierarchical, from that one build; with ``dense_question`` also the
+    flat lookup with the question's tokens reading the whole corpus (``question_budget=1.0``) and
+    only the generated tokens reading at the budget (family ``squeezed-dq``)."""
     rows = []
     with PeakRSS() as build_mem:
         corpus = engine.add_corpus(case.case_id, [case.context], progress=False, replace=True,
@@ -173,13 +177,13 @@ def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes) -> list[d
     if engine.prompt_ids(case.question, corpus=case.case_id) != full_ids + q_ids:
         raise RuntimeError(f"{case.case_id}: the benchmark's prompt ids differ from engine.prompt_ids")
     stop = sorted({case.expected, case.expected.capitalize()})
-    runs = [("full", 1.0, False)] + [
-        ("squeezed-hier" if h else "squeezed-flat", b, h) for b in budgets for h in hier_modes
-    ]
-    for family, budget, hier in runs:
+    runs = [("full", 1.0, False, None)] + [
+        ("squeezed-hier" if h else "squeezed-flat", b, h, None) for b in budgets for h in hier_modes
+    ] + [("squeezed-dq", b, False, 1.0) for b in budgets if dense_question]
+    for family, budget, hier, question_budget in runs:
         with PeakRSS() as mem:
             ans = engine.answer(case.question, corpus=case.case_id, max_new_tokens=max_new_tokens,
-                                kv_budget=budget, hierarchical=hier, stop=stop)
+                                kv_budget=budget, hierarchical=hier, stop=stop, question_budget=question_budget)
         # The stop sequence is cut from ans.text; the tokens themselves hold the whole answer.
         text = engine.tokenizer.decode(ans.token_ids, skip_special_tokens=True)
         rows.append({
@@ -263,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"answer token limit for every kind (default per kind: {MAX_NEW_TOKENS})")
     p.add_argument("--no-hierarchical", action="store_true")
+    p.add_argument("--no-dense-question", action="store_true",
+                   help="skip squeezed-dq (the question read in full, generated tokens at the budget)")
     p.add_argument("--presses", nargs="*", default=None, help=f"kvpress presses (default {' '.join(PRESSES)}); none to skip")
     p.add_argument("--no-kvpress", action="store_true")
     p.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV)
@@ -373,7 +379,8 @@ def main(argv=None) -> int:
     for n, case in enumerate(cases, 1):
         t = time.perf_counter()
         if not args.rag_worker:
-            rows += run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes)
+            rows += run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes,
+                                    not args.no_dense_question)
         if args.retrievers and not rag_in_worker:
             timed = case.length not in seen_lengths  # RAG timings: the first case of each length
             seen_lengths.add(case.length)

@@ -23,6 +23,11 @@ class SqueezeConfig:
 
     kv_budget: fraction of the corpus's keys a query attends to (the sinks and the observation window
         included, the centroid reads not); ``1.0`` is exact full-KV reuse. Can be overridden per call.
+    question_budget: the budget of multi-token reads (the question's or chat turn's tokens, read
+        together before the first generated token); ``None`` takes ``kv_budget``. ``1.0`` reads the
+        whole corpus KV once per question (exact question states; no corpus recompute) and then
+        decodes at ``kv_budget``: the question's tokens are where retrieval heads match the needle
+        key by key, which a centroid can miss (measured in benchmarks/results, "dense question").
     selection: ``"threshold"`` keeps the clusters whose score passes one global threshold calibrated
         on the corpus to hit ``kv_budget`` on average (heads that need more keys get more);
         ``"fixed"`` keeps, for every KV head, the best clusters up to exactly the budget.
@@ -50,6 +55,7 @@ class SqueezeConfig:
     """
 
     kv_budget: float = 0.25
+    question_budget: float | None = None
     selection: str = "threshold"
     cluster_fraction: float = 0.05
     hierarchical: bool = False
@@ -70,6 +76,8 @@ class SqueezeConfig:
 
     def __post_init__(self) -> None:
         check_budget(self.kv_budget)
+        if self.question_budget is not None:
+            check_budget(self.question_budget, "question_budget")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.backend not in BACKENDS:

@@ -204,8 +204,9 @@ class SqueezedEngine:
         c = self.get_corpus(corpus)
         return list(c.token_ids) + self.layout.suffix_ids(prompt)
 
-    def _plan(self, corpus: SqueezedCorpus, kv_budget, hierarchical, selection) -> ReadPlan:
-        return ReadPlan.make(corpus, get_backend(corpus.config.backend, self.device.type), kv_budget, hierarchical, selection)
+    def _plan(self, corpus: SqueezedCorpus, kv_budget, hierarchical, selection, question_budget=None) -> ReadPlan:
+        return ReadPlan.make(corpus, get_backend(corpus.config.backend, self.device.type), kv_budget, hierarchical,
+                             selection, question_budget)
 
     def _forward(self, ids: list[int], position: int, cache, read: CorpusRead, all_logits: bool = False):
         input_ids = torch.tensor([ids], device=self.device)
@@ -245,13 +246,13 @@ class SqueezedEngine:
 
     @torch.inference_mode()
     def _events(
-        self, prompt: Prompt, corpus: str, params: SamplingParams, kv_budget, hierarchical, selection
+        self, prompt: Prompt, corpus: str, params: SamplingParams, kv_budget, hierarchical, selection, question_budget
     ) -> Iterator:
         """Yields text pieces, then the :class:`Answer`."""
         start = time.perf_counter()
         c = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)
-        plan = self._plan(c, kv_budget, hierarchical, selection)
+        plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
         read = CorpusRead(c, plan)
         sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
@@ -317,16 +318,17 @@ class SqueezedEngine:
         seed: int | None = None,
         hierarchical: bool | None = None,
         selection: str | None = None,
+        question_budget: float | None = None,
     ) -> AnswerStream:
         """Stream an answer: iterate for text pieces; ``.answer`` holds the :class:`Answer` afterwards.
 
         ``prompt`` is a question or a list of chat messages (``{"role", "content"}``); the chat history
-        is the dynamic part, the corpus is fixed. ``kv_budget``/``hierarchical``/``selection`` override
-        the corpus's configuration for this call only. Decoding is greedy unless ``temperature > 0``.
+        is the dynamic part, the corpus is fixed. ``kv_budget``/``question_budget``/``hierarchical``/
+        ``selection`` override the corpus's configuration for this call only. Decoding is greedy unless ``temperature > 0``.
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
         self.get_corpus(corpus)  # fail now, not at the first iteration
-        return AnswerStream(self._events(prompt, corpus, params, kv_budget, hierarchical, selection))
+        return AnswerStream(self._events(prompt, corpus, params, kv_budget, hierarchical, selection, question_budget))
 
     def answer(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Answer:
         """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments)."""
@@ -353,18 +355,20 @@ class SqueezedEngine:
         hierarchical: bool | None = None,
         selection: str | None = None,
         per_token: bool = True,
+        question_budget: float | None = None,
     ) -> torch.Tensor:
         """Log-probabilities ``(len(ids) - 1, vocab)`` of each next token of ``text`` placed right
         after the corpus (no chat template): row ``i`` predicts token ``i + 1``.
 
         ``per_token=True`` feeds one token at a time, re-selecting at every step as decoding does;
-        ``False`` reads the whole continuation in one pass with one selection.
+        ``False`` reads the whole continuation in one pass with one selection (a multi-token read:
+        ``question_budget`` applies to it).
         """
         c = self.get_corpus(corpus)
         ids = self.layout.encode(text) if isinstance(text, str) else list(text)
         if len(ids) < 2:
             raise ValueError("the continuation needs at least two tokens")
-        read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection), track_sources=False)
+        read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection, question_budget), track_sources=False)
         cache = DynamicCache()
         if per_token:
             rows = [self._forward([t], c.n_tokens + i, cache, read) for i, t in enumerate(ids[:-1])]

@@ -26,20 +26,34 @@ _FOCUS = 0.05
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """Everything about how one call reads a corpus, decided once before its first token."""
+    """Everything about how one call reads a corpus, decided once before its first token.
+
+    Pairs are ``(decode, prefill)``: a single generated token and a multi-token read (the question's
+    tokens, read together) have their own thresholds and budgets.
+    """
 
     kv_budget: float
+    question_budget: float
     selection: str
     hierarchical: bool
-    # (decode, prefill): a single generated token and a multi-token read have their own thresholds
     log_threshold: tuple[float, float] | None
     l1_log_threshold: tuple[float, float] | None
-    budget_keys: int | None
+    budget_keys: tuple[int, int] | None
     backend: ModuleType
 
     @property
     def keep_all(self) -> bool:
-        return self.kv_budget >= 1.0
+        return self.kv_budget >= 1.0 and self.question_budget >= 1.0
+
+    def reads_all(self, kind: int) -> bool:
+        """Whether reads of this kind (0: decode, 1: multi-token) take the whole corpus."""
+        return (self.kv_budget, self.question_budget)[kind] >= 1.0
+
+    @property
+    def fused(self) -> bool:
+        """The backend's lookup also builds the work list (Triton). The torch twin's work list would
+        be built only to be ignored by its attention, so the CPU path keeps the separate calls."""
+        return self.backend is not reference
 
     @classmethod
     def make(
@@ -49,9 +63,13 @@ class ReadPlan:
         kv_budget: float | None = None,
         hierarchical: bool | None = None,
         selection: str | None = None,
+        question_budget: float | None = None,
     ) -> "ReadPlan":
         cfg = corpus.config
         kv_budget = cfg.kv_budget if kv_budget is None else check_budget(kv_budget)
+        if question_budget is None:
+            question_budget = kv_budget if cfg.question_budget is None else cfg.question_budget
+        question_budget = check_budget(question_budget, "question_budget")
         hierarchical = cfg.hierarchical if hierarchical is None else bool(hierarchical)
         selection = cfg.selection if selection is None else selection
         if selection not in ("threshold", "fixed"):
@@ -62,21 +80,23 @@ class ReadPlan:
                 "SqueezeConfig(hierarchical=True) to use the hierarchical lookup"
             )
         cal = corpus.calibration
+        budgets = (kv_budget, question_budget)
         return cls(
             kv_budget=kv_budget,
+            question_budget=question_budget,
             selection=selection,
             hierarchical=hierarchical,
             log_threshold=(
-                (cal.log_threshold(kv_budget), cal.log_threshold(kv_budget, prefill=True))
+                tuple(cal.log_threshold(b, prefill=bool(k)) for k, b in enumerate(budgets))
                 if selection == "threshold" else None
             ),
             # The level-1 threshold is always calibrated: in fixed mode it prunes the lookup the same way.
             l1_log_threshold=(
-                (cal.l1_log_threshold(kv_budget, cfg.l1_recall), cal.l1_log_threshold(kv_budget, cfg.l1_recall, prefill=True))
+                tuple(cal.l1_log_threshold(b, cfg.l1_recall, prefill=bool(k)) for k, b in enumerate(budgets))
                 if hierarchical else None
             ),
             budget_keys=(
-                budget_keys(corpus.n_tokens, corpus.n_always, cal.sparse_layer_budget(kv_budget))
+                tuple(budget_keys(corpus.n_tokens, corpus.n_always, cal.sparse_layer_budget(b)) for b in budgets)
                 if selection == "fixed" else None
             ),
             backend=backend,
@@ -97,10 +117,24 @@ class CorpusRead:
         self.centroids_scored = torch.zeros((), dtype=torch.float64, device=dev)
         self.doc_mass = torch.zeros(len(corpus.documents), dtype=torch.float64, device=dev)
 
-    def lookup(self, layer_idx: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and selection ``(batch, kv_heads, clusters)`` for one layer's queries."""
+    def lookup(self, layer_idx: int, q: torch.Tensor, scale: float):
+        """Scores and selection ``(batch, kv_heads, clusters)`` for one layer's queries, and the work
+        list of the selection when the backend builds one in the same launches (else ``None``)."""
         layer, plan, be = self.corpus.layers[layer_idx], self.plan, self.plan.backend
         kind = int(q.shape[2] > 1)  # 0: one token (decode), 1: several (a question's prefill)
+        dense = plan.reads_all(kind) or layer_idx < self.corpus.config.dense_layers
+        if plan.fused and not dense and plan.selection == "threshold":
+            # Triton: lookup + threshold + work list in one entry point (3 launches instead of 5).
+            n_keys = layer.keys.shape[1]
+            if plan.hierarchical:
+                return be.hierarchical_centroid_selection(
+                    q, layer.l1_centroids, layer.l1_log_counts, layer.l1_offsets, layer.centroids,
+                    layer.log_counts, scale, plan.l1_log_threshold[kind], layer.cluster_offsets,
+                    plan.log_threshold[kind], n_keys,
+                )
+            return be.centroid_selection(
+                q, layer.centroids, layer.log_counts, scale, layer.cluster_offsets, plan.log_threshold[kind], n_keys
+            )
         if plan.hierarchical:
             scores = be.hierarchical_centroid_scores(
                 q, layer.l1_centroids, layer.l1_log_counts, layer.l1_offsets,
@@ -108,20 +142,20 @@ class CorpusRead:
             )
         else:
             scores = be.centroid_scores(q, layer.centroids, layer.log_counts, scale)
-        if plan.keep_all or layer_idx < self.corpus.config.dense_layers:
+        if dense:
             selected = torch.isfinite(layer.log_counts).unsqueeze(0).expand_as(scores)
         elif plan.selection == "threshold":
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
         else:
-            selected = be.select_clusters(scores, layer.log_counts, budget_keys=plan.budget_keys)
-        return scores, selected
+            selected = be.select_clusters(scores, layer.log_counts, budget_keys=plan.budget_keys[kind])
+        return scores, selected, None
 
     def attend(self, layer_idx: int, q: torch.Tensor, dyn_k: torch.Tensor, dyn_v: torch.Tensor, scale: float):
         """Attention output ``(batch, tokens, heads, head_dim)`` as transformers expects it."""
         layer = self.corpus.layers[layer_idx]
-        scores, selected = self.lookup(layer_idx, q, scale)
+        scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
-            q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale
+            q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist
         )
         self._record(layer_idx, layer, scores, selected)
         if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:

@@ -47,6 +47,29 @@ def test_question_logits_match_full_prompt(make_tiny_engine, family):
     assert torch.allclose(stepwise, want, atol=2e-4)
 
 
+def test_question_budget_applies_to_multi_token_reads_only(make_tiny_engine):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    suffix = engine.prompt_ids(QUESTION, corpus="docs")[corpus.n_tokens:]
+    exact = engine.score_continuation("docs", suffix, per_token=False, kv_budget=1.0)
+    # one multi-token read at question_budget=1.0 is exact whatever the decode budget
+    dense_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125, question_budget=1.0)
+    assert torch.allclose(dense_q, exact, atol=2e-4)
+    sparse_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125)
+    assert not torch.allclose(sparse_q, exact, atol=2e-4)
+    # token by token, every read is a decode read: question_budget does not apply
+    stepwise = engine.score_continuation("docs", suffix, per_token=True, kv_budget=1.0, question_budget=0.125)
+    assert torch.allclose(stepwise, exact, atol=2e-4)
+    # an answer whose question is read in full reads more than one read entirely at the budget
+    plain = engine.answer(QUESTION, corpus="docs", max_new_tokens=6)
+    dense = engine.answer(QUESTION, corpus="docs", max_new_tokens=6, question_budget=1.0)
+    assert plain.kept_fraction < dense.kept_fraction < 1.0
+    with pytest.raises(ValueError, match="question_budget"):
+        engine.answer(QUESTION, corpus="docs", question_budget=0.0)
+    with pytest.raises(ValueError, match="question_budget"):
+        SqueezeConfig(question_budget=1.5)
+
+
 def test_hierarchical_full_budget_is_exact(make_tiny_engine):
     engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=1.0, hierarchical=True, observation_window=16))
     engine.add_corpus("docs", DOCS, progress=False)

@@ -213,9 +213,9 @@ def _record_selections(monkeypatch, store: list):
     original = CorpusRead.lookup
 
     def lookup(self, layer_idx, q, scale):
-        scores, selected = original(self, layer_idx, q, scale)
-        store.append((layer_idx, scores.clone(), selected.clone(), self.plan))
-        return scores, selected
+        scores, selected, worklist = original(self, layer_idx, q, scale)
+        store.append((layer_idx, scores.clone(), selected.clone(), self.plan, worklist is not None))
+        return scores, selected, worklist
 
     monkeypatch.setattr(CorpusRead, "lookup", lookup)
 
@@ -235,8 +235,10 @@ def check_budget_backends_agree(w: World, corpus: str, monkeypatch, hierarchical
         lp_ref = e.score_continuation(twin, suffix, per_token=False, kv_budget=BUDGET, hierarchical=hierarchical)
     assert e.get_corpus(corpus).config.backend == e.config.backend and e.get_corpus(twin).config.backend == "torch"
     assert len(tri_sel) == len(ref_sel) == len(e.get_corpus(corpus).layers)
+    # Triton takes the fused lookup + selection + work list; the torch twin the separate calls
+    assert all(fused for *_, fused in tri_sel) and not any(fused for *_, fused in ref_sel)
     mismatch, total = 0, 0
-    for (layer, s_t, sel_t, plan), (_, s_r, sel_r, _) in zip(tri_sel, ref_sel):
+    for (layer, s_t, sel_t, plan, _), (_, s_r, sel_r, _, _) in zip(tri_sel, ref_sel):
         differ = sel_t != sel_r
         mismatch += int(differ.sum())
         total += differ.numel()
