@@ -60,6 +60,15 @@ def centroid_scores(
     return _log_mean_over_queries(log_s)
 
 
+def parent_index(l1_offsets: torch.Tensor) -> torch.Tensor:
+    """``(kv_heads, l1_clusters + 1)`` offsets -> ``(kv_heads, clusters)`` int64: the level-1 parent of every
+    level-2 cluster (level-2 clusters are sorted by parent)."""
+    sizes = (l1_offsets[:, 1:] - l1_offsets[:, :-1]).long()
+    kvh, n_l1 = sizes.shape
+    flat = torch.arange(n_l1, device=sizes.device).expand(kvh, n_l1).reshape(-1)
+    return torch.repeat_interleave(flat, sizes.reshape(-1)).view(kvh, -1)
+
+
 def hierarchical_centroid_scores(
     q: torch.Tensor,
     l1_centroids: torch.Tensor,
@@ -82,7 +91,7 @@ def hierarchical_centroid_scores(
     the denominator is exact over what was scored and estimated by the level-1 centroids elsewhere.
     Returns ``(batch, kv_heads, clusters)`` float32 log scores, ``-inf`` for clusters never scored.
     """
-    kvh, n_l1, d = l1_centroids.shape
+    kvh = l1_centroids.shape[0]
     n_l2 = centroids.shape[1]
     qg = _group_queries(q, kvh)  # B, KVH, G, T, D
     b, _, g, t, _ = qg.shape
@@ -92,11 +101,7 @@ def hierarchical_centroid_scores(
     l1_log_s = l1_log_s.masked_fill(torch.isinf(l1_log_counts)[None, :, None, None, :], NEG_INF)
     l1_keep = _log_mean_over_queries(l1_log_s) >= l1_log_threshold  # B, KVH, P
 
-    # parent of every level-2 cluster, from the offsets
-    sizes = (l1_offsets[:, 1:] - l1_offsets[:, :-1]).long()  # KVH, P
-    parent = torch.repeat_interleave(
-        torch.arange(n_l1, device=q.device).expand(kvh, n_l1).reshape(-1), sizes.reshape(-1)
-    ).view(kvh, n_l2)
+    parent = parent_index(l1_offsets)  # KVH, C
     expand = torch.gather(l1_keep, 2, parent.unsqueeze(0).expand(b, kvh, n_l2))  # B, KVH, C
     expand &= ~torch.isinf(log_counts)[None]
 

@@ -73,14 +73,6 @@ class ScoreDistribution:
         return float(self.cum_weight[cut - 1]) / float(self.cum_weight[-1]) if cut else 0.0
 
 
-def _parent_index(l1_offsets: torch.Tensor) -> torch.Tensor:
-    """(KVH, C1 + 1) offsets -> (KVH, C) level-1 parent of every level-2 cluster."""
-    sizes = (l1_offsets[:, 1:] - l1_offsets[:, :-1]).long()
-    kvh, n_l1 = sizes.shape
-    flat = torch.arange(n_l1, device=sizes.device).expand(kvh, n_l1).reshape(-1)
-    return torch.repeat_interleave(flat, sizes.reshape(-1)).view(kvh, -1)
-
-
 def _scored(queries: list[torch.Tensor], layers, scale: float, share: float):
     """``queries``: per layer ``(reads, heads, tokens, head_dim)``; every read scores every cluster.
 
@@ -93,7 +85,7 @@ def _scored(queries: list[torch.Tensor], layers, scale: float, share: float):
         weights.append(torch.exp(layer.log_counts).expand_as(s).flatten().cpu() / q.shape[0])
         if layer.l1_centroids is not None:
             s1 = reference.centroid_scores(q, layer.l1_centroids, layer.l1_log_counts, scale)
-            parent = _parent_index(layer.l1_offsets).unsqueeze(0).expand_as(s)
+            parent = reference.parent_index(layer.l1_offsets).unsqueeze(0).expand_as(s)
             parents.append(torch.gather(s1, 2, parent).flatten().cpu())
     return torch.cat(scores), torch.cat(weights) * share, torch.cat(parents) if parents else None
 
