@@ -121,6 +121,9 @@ def markdown(result: dict) -> str:
         "",
         f"- Date: {result['date']}; wall time {result['wall_seconds'] / 60:.1f} min; CPU time "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in (result.get("cpu_seconds") or {}).items() if v is not None) + ".",
+        *([f"- Merged from {len(result['merged_from'])} runs over disjoint cases (`--shard`, `--merge`), run at the same "
+           "time on this machine: " + "; ".join(f"{m['name']} ({m['n_cases']} cases, {m['wall_seconds'] / 60:.1f} min)"
+                                                 for m in result["merged_from"]) + "."] if result.get("merged_from") else []),
         f"- Hardware: {hw['cpu']}, {hw['cores']} cores, {(hw['memory_bytes'] or 0) / 2**30:.0f} GiB, {hw['accelerator']}; "
         f"torch threads per process: {result['torch_threads']}.",
         f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)

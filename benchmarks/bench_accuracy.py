@@ -282,10 +282,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a shared CPU, more threads than free cores make torch spin)")
     p.add_argument("--serial", action="store_true",
                    help="one process at a time (kvpress after the engine, RAG inside the main process)")
+    p.add_argument("--shard", default=None,
+                   help="I/N: run only cases I, I+N, I+2N, ... (0-based) and write <name>_shard<I>of<N>; combine the shards with --merge")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="combine the JSONs of shard runs (disjoint cases) into <name>.json/.md/plots; runs nothing")
     p.add_argument("--rag-worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: RAG rows -> this file
     args = p.parse_args(argv)
     quick = args.quick
     args.name = args.name or ("accuracy_quick" if quick else "accuracy")
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            p.error(f"--shard must be I/N with integers, got {args.shard!r}")
+        if not 0 <= i < n:
+            p.error(f"--shard I/N needs 0 <= I < N, got {args.shard!r}")
+        args.shard = (i, n)
+        args.name = f"{args.name}_shard{i}of{n}"
     if args.cases:
         args.cases = {int(k): int(v) for k, v in (item.split(":") for item in args.cases.split(","))}
     else:
@@ -310,6 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s " + ("[rag] " if args.rag_worker else "") + "%(message)s", datefmt="%H:%M:%S")
+    if args.merge:
+        write_outputs(merge_results([json.loads(p.read_text()) for p in args.merge]), args.out, args.name)
+        return 0
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -324,6 +340,8 @@ def main(argv=None) -> int:
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     engine = SqueezedEngine.from_pretrained(config=SqueezeConfig(hierarchical=True))
     cases = niah.make_cases(engine.tokenizer, args.cases, args.depths, args.kinds, args.seed)
+    if args.shard:  # every case is drawn (same seed, same cases as a whole run), then this shard's share
+        cases = cases[args.shard[0] :: args.shard[1]]
     cases_by_id = {c.case_id: c for c in cases}
     hier_modes = (False,) if args.no_hierarchical else (False, True)
     logger.info("%d cases (per length %s), budgets %s, kvpress %s, retrievers %s", len(cases), args.cases,
@@ -446,15 +464,47 @@ def main(argv=None) -> int:
         "cpu_seconds": {"main": time.process_time(), "rag worker": rag_cpu,
                         "kvpress": kv_result.get("cpu_seconds") if kv_result else None},
     }
-    result["summary"] = accuracy_report.summarize(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    md = accuracy_report.markdown(result)
-    (args.out / f"{args.name}.md").write_text(md)
-    plots = accuracy_report.plots(result, args.out, args.name)
-    logger.info("wrote %s.json, %s.md, %s", args.out / args.name, args.out / args.name, ", ".join(p.name for p in plots))
-    print(accuracy_report.short_table(result))
+    write_outputs(result, args.out, args.name)
     return 0
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from shard results over disjoint cases (rows, cases, fidelity and checks concatenated)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    seen: set[tuple] = set()
+    for part in parts:
+        for r in part["rows"]:
+            key = (r["case_id"], r["system"])
+            if key in seen:
+                raise ValueError(f"shards overlap: {key} appears twice")
+            seen.add(key)
+    merged = dict(parts[0])
+    cases = {c["case_id"]: c for part in parts for c in part["cases"]}
+    for key in ("rows", "fidelity", "kvpress_validation", "rag_prefix_checks", "kvpress_builds"):
+        merged[key] = [x for part in parts for x in part.get(key) or []]
+    merged["cases"] = sorted(cases.values(), key=lambda c: (c["length"], c["case_id"]))
+    merged["n_cases"] = len(cases)
+    merged["kvpress_versions"] = next((p["kvpress_versions"] for p in parts if p.get("kvpress_versions")), None)
+    merged["wall_seconds"] = max(p["wall_seconds"] for p in parts)
+    merged["cpu_seconds"] = {k: sum(p["cpu_seconds"].get(k) or 0 for p in parts) or None
+                             for k in {k for p in parts for k in p["cpu_seconds"]}}
+    peaks = [p.get("process_peak_rss_bytes") or {} for p in parts]
+    merged["process_peak_rss_bytes"] = {k: max((pk.get(k) or 0 for pk in peaks), default=0) or None
+                                        for k in {k for pk in peaks for k in pk}}
+    merged["merged_from"] = [{"name": p["settings"].get("name"), "date": p["date"], "n_cases": p["n_cases"],
+                              "wall_seconds": p["wall_seconds"]} for p in parts]
+    return merged
+
+
+def write_outputs(result: dict, out: Path, name: str) -> None:
+    result["summary"] = accuracy_report.summarize(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(accuracy_report.markdown(result))
+    plots = accuracy_report.plots(result, out, name)
+    logger.info("wrote %s.json, %s.md, %s", out / name, out / name, ", ".join(p.name for p in plots))
+    print(accuracy_report.short_table(result))
 
 
 if __name__ == "__main__":

@@ -105,3 +105,30 @@ def test_quick_mode_end_to_end(tmp_path):
     for png in ("accuracy_quick_vs_budget.png", "accuracy_quick_by_length_depth.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert proc.stdout.strip().splitlines()[0].startswith("NIAH accuracy")  # the short table is printed last
+
+
+def _part(case_ids, systems, name):
+    return {"date": "d", "settings": {"name": name}, "n_cases": len(case_ids), "wall_seconds": 10.0,
+            "cpu_seconds": {"main": 5.0, "kvpress": None},
+            "cases": [{"case_id": c, "length": 1024} for c in case_ids],
+            "rows": [{"case_id": c, "system": s} for c in case_ids for s in systems],
+            "fidelity": [{"name": name}], "kvpress_validation": [], "rag_prefix_checks": [], "kvpress_builds": [],
+            "kvpress_versions": None}
+
+
+def test_shards_split_the_cases_and_merge_back():
+    import bench_accuracy
+
+    args = bench_accuracy.parse_args(["--shard", "1/3"])
+    assert args.shard == (1, 3) and args.name == "accuracy_shard1of3"
+    for bad in ("3/3", "x/2", "1"):
+        with pytest.raises(SystemExit):
+            bench_accuracy.parse_args(["--shard", bad])
+    a = _part(["c1", "c3"], ["full@1", "squeezed-flat@0.25"], "a")
+    b = _part(["c2"], ["full@1", "squeezed-flat@0.25"], "b")
+    merged = bench_accuracy.merge_results([a, b])
+    assert merged["n_cases"] == 3 and len(merged["rows"]) == 6 and len(merged["fidelity"]) == 2
+    assert [c["case_id"] for c in merged["cases"]] == ["c1", "c2", "c3"]
+    assert merged["cpu_seconds"] == {"main": 10.0, "kvpress": None}
+    with pytest.raises(ValueError, match="overlap"):
+        bench_accuracy.merge_results([a, _part(["c1"], ["full@1"], "c")])
