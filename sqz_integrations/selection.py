@@ -41,10 +41,6 @@ class ReadPlan:
     budget_keys: tuple[int, int] | None
     backend: ModuleType
 
-    @property
-    def keep_all(self) -> bool:
-        return self.kv_budget >= 1.0 and self.question_budget >= 1.0
-
     def reads_all(self, kind: int) -> bool:
         """Whether reads of this kind (0: decode, 1: multi-token) take the whole corpus."""
         return (self.kv_budget, self.question_budget)[kind] >= 1.0
