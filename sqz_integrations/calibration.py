@@ -32,70 +32,90 @@ PREFILL_GROUP = 16
 
 
 class ScoreDistribution:
-    """Cluster scores of calibration reads, weighted by cluster size: per-key scores, sorted."""
+    """Cluster scores of calibration reads, weighted by cluster size: per-key scores, sorted.
 
-    def __init__(self, scores: torch.Tensor, weights: torch.Tensor, parent_scores: torch.Tensor | None):
+    ``heads`` names the (layer, KV head) of every score as ``layer * kv_heads + head``; a threshold
+    can leave some heads out (those read in full), and is then set on the others alone.
+    """
+
+    def __init__(self, scores: torch.Tensor, weights: torch.Tensor, heads: torch.Tensor, parent_scores: torch.Tensor | None):
         valid = torch.isfinite(scores) & (weights > 0)
         order = torch.argsort(scores[valid], descending=True)
         self.scores = scores[valid][order]
-        self.weights = weights[valid][order]
-        self.cum_weight = torch.cumsum(self.weights.double(), 0)
+        self.weights = weights[valid][order].double()
+        self.heads = heads[valid][order]
         self.parent = parent_scores[valid][order] if parent_scores is not None else None
 
-    def cut(self, fraction: float) -> int:
-        """How many sorted scores lie above the threshold that keeps ``fraction`` of the keys."""
-        target = fraction * float(self.cum_weight[-1])
-        return int(torch.searchsorted(self.cum_weight, torch.tensor([target], dtype=torch.float64)))
+    def _view(self, excluded: torch.Tensor | None):
+        """(scores, weights, parents) without the ``excluded`` heads (a bool mask over head ids)."""
+        if excluded is None or not bool(excluded.any()):
+            return self.scores, self.weights, self.parent
+        keep = ~excluded.flatten()[self.heads]
+        return self.scores[keep], self.weights[keep], None if self.parent is None else self.parent[keep]
 
-    def log_threshold(self, fraction: float) -> float:
-        cut = self.cut(fraction)
-        if cut >= len(self.scores):
+    @staticmethod
+    def _cut(weights: torch.Tensor, fraction: float) -> int:
+        """How many sorted scores lie above the threshold that keeps ``fraction`` of the keys."""
+        cum = torch.cumsum(weights, 0)
+        if not len(cum):
+            return 0
+        return int(torch.searchsorted(cum, torch.tensor([fraction * float(cum[-1])], dtype=torch.float64)))
+
+    def log_threshold(self, fraction: float, excluded: torch.Tensor | None = None) -> float:
+        scores, weights, _ = self._view(excluded)
+        cut = self._cut(weights, fraction)
+        if cut >= len(scores):
             return float("-inf")
         if cut == 0:
             return float("inf")
         # halfway between the last kept and the first dropped score: robust to rounding
-        return float(self.scores[cut - 1] + self.scores[cut]) / 2
+        return float(scores[cut - 1] + scores[cut]) / 2
 
-    def l1_log_threshold(self, fraction: float, recall: float) -> float:
+    def l1_log_threshold(self, fraction: float, recall: float, excluded: torch.Tensor | None = None) -> float:
         if self.parent is None:
             raise ValueError("this corpus was built without level-1 centroids (hierarchical=False)")
-        cut = self.cut(fraction)
+        _, weights, parent = self._view(excluded)
+        cut = self._cut(weights, fraction)
         if cut == 0:
             return float("inf")
-        parent = self.parent[:cut]
+        parent = parent[:cut]
         order = torch.argsort(parent, descending=True)
-        cum = torch.cumsum(self.weights[:cut].double()[order], 0)
+        cum = torch.cumsum(weights[:cut][order], 0)
         idx = int(torch.searchsorted(cum, torch.tensor([recall * float(cum[-1])], dtype=torch.float64)))
         return math.nextafter(float(parent[order][min(idx, cut - 1)]), -math.inf)
 
     def kept(self, fraction: float) -> float:
-        cut = self.cut(fraction)
-        return float(self.cum_weight[cut - 1]) / float(self.cum_weight[-1]) if cut else 0.0
+        cut = self._cut(self.weights, fraction)
+        return float(self.weights[:cut].sum()) / float(self.weights.sum()) if cut else 0.0
 
 
-def _scored(queries: list[torch.Tensor], layers, scale: float, share: float):
+def _scored(queries: list[torch.Tensor], layers, scale: float, share: float, first_layer: int):
     """``queries``: per layer ``(reads, heads, tokens, head_dim)``; every read scores every cluster.
 
-    Returns flat (scores, weights, level-1 parent scores or None); the weights (cluster sizes) are
-    normalised so that this set of reads carries ``share`` of the total weight."""
-    scores, weights, parents = [], [], []
-    for q, layer in zip(queries, layers):
+    Returns flat (scores, weights, head ids, level-1 parent scores or None); the weights (cluster
+    sizes) are normalised so that this set of reads carries ``share`` of the total weight."""
+    scores, weights, heads, parents = [], [], [], []
+    for i, (q, layer) in enumerate(zip(queries, layers)):
         s = reference.centroid_scores(q, layer.centroids, layer.log_counts, scale)  # reads, KVH, C
+        kvh = s.shape[1]
         scores.append(s.flatten().cpu())
         weights.append(torch.exp(layer.log_counts).expand_as(s).flatten().cpu() / q.shape[0])
+        head = torch.arange((first_layer + i) * kvh, (first_layer + i + 1) * kvh, dtype=torch.int32)
+        heads.append(head[None, :, None].expand_as(s).flatten())
         if layer.l1_centroids is not None:
             s1 = reference.centroid_scores(q, layer.l1_centroids, layer.l1_log_counts, scale)
             parent = reference.parent_index(layer.l1_offsets).unsqueeze(0).expand_as(s)
             parents.append(torch.gather(s1, 2, parent).flatten().cpu())
-    return torch.cat(scores), torch.cat(weights) * share, torch.cat(parents) if parents else None
+    return torch.cat(scores), torch.cat(weights) * share, torch.cat(heads), torch.cat(parents) if parents else None
 
 
-def _distribution(sets: list[tuple[list[torch.Tensor], float]], layers, scale: float) -> ScoreDistribution:
-    parts = [_scored(q, layers, scale, share) for q, share in sets]
-    parents = [p for _, _, p in parts]
+def _distribution(sets: list[tuple[list[torch.Tensor], float]], layers, scale: float, first_layer: int) -> ScoreDistribution:
+    parts = [_scored(q, layers, scale, share, first_layer) for q, share in sets]
+    parents = [p for *_, p in parts]
     return ScoreDistribution(
-        torch.cat([s for s, _, _ in parts]),
-        torch.cat([w for _, w, _ in parts]),
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
         torch.cat(parents) if all(p is not None for p in parents) else None,
     )
 
@@ -134,6 +154,7 @@ class Calibration:
         probe_decode = probe_decode[self.dense_layers :] if probe_decode is not None else None
         probe_prefill = probe_prefill[self.dense_layers :] if probe_prefill is not None else None
         self.n_tokens = n_tokens
+        self.kv_heads = layers[0].keys.shape[0]
         self.n_always = layers[0].n_always
         self.n_clustered = layers[0].n_clustered
         self.scale = scale
@@ -151,20 +172,24 @@ class Calibration:
             decode_sets.append(([q.unsqueeze(2) for q in probe_decode], PROBE_SHARE))
         if probe_prefill is not None:
             prefill_sets.append((probe_prefill, PROBE_SHARE))
-        self.decode = _distribution(decode_sets, layers, scale)
-        self.prefill = _distribution(prefill_sets, layers, scale)
+        self.decode = _distribution(decode_sets, layers, scale, self.dense_layers)
+        self.prefill = _distribution(prefill_sets, layers, scale, self.dense_layers)
 
-    def clustered_fraction(self, kv_budget: float) -> float:
+    def clustered_fraction(self, kv_budget: float, dense_heads: torch.Tensor | None = None) -> float:
         """Fraction of the clustered keys a budget leaves once the always-kept keys are paid for."""
         if self.n_clustered == 0:
             return 0.0
-        per_layer = self.sparse_layer_budget(kv_budget)
-        return min(1.0, max(0.0, (per_layer * self.n_tokens - self.n_always) / self.n_clustered))
+        per_head = self.sparse_head_budget(kv_budget, dense_heads)
+        return min(1.0, max(0.0, (per_head * self.n_tokens - self.n_always) / self.n_clustered))
 
-    def sparse_layer_budget(self, kv_budget: float) -> float:
-        """The budget of each sparse layer once the dense layers have read everything."""
-        sparse = self.n_layers - self.dense_layers
-        return max(0.0, (kv_budget * self.n_layers - self.dense_layers) / sparse)
+    def sparse_head_budget(self, kv_budget: float, dense_heads: torch.Tensor | None = None) -> float:
+        """The budget of each sparsely read (layer, KV head) once the dense layers and the
+        ``dense_heads`` (a bool mask ``(layers, kv_heads)``, outside the dense layers) have read everything."""
+        n_dense = int(dense_heads.sum()) if dense_heads is not None else 0
+        sparse = (self.n_layers - self.dense_layers) * self.kv_heads - n_dense
+        if sparse <= 0:
+            return 0.0
+        return max(0.0, (kv_budget * self.n_layers * self.kv_heads - self.dense_layers * self.kv_heads - n_dense) / sparse)
 
     def _cached(self, key: tuple, compute) -> float:
         with self._lock:
@@ -172,17 +197,29 @@ class Calibration:
                 self._cache[key] = compute()
             return self._cache[key]
 
-    def log_threshold(self, kv_budget: float, prefill: bool = False) -> float:
-        """Log-score threshold at which the calibration reads keep the budget's share of keys."""
-        dist = self.prefill if prefill else self.decode
-        f = self.clustered_fraction(kv_budget)
-        return self._cached(("flat", kv_budget, prefill), lambda: dist.log_threshold(f))
+    @staticmethod
+    def _key(dense_heads: torch.Tensor | None) -> tuple:
+        return () if dense_heads is None else tuple(dense_heads.flatten().nonzero().flatten().tolist())
 
-    def l1_log_threshold(self, kv_budget: float, recall: float, prefill: bool = False) -> float:
+    def log_threshold(self, kv_budget: float, prefill: bool = False, dense_heads: torch.Tensor | None = None) -> float:
+        """Log-score threshold at which the calibration reads keep the budget's share of keys (over
+        the heads not in ``dense_heads``, which are paid from the budget first)."""
+        dist = self.prefill if prefill else self.decode
+        f = self.clustered_fraction(kv_budget, dense_heads)
+        return self._cached(
+            ("flat", kv_budget, prefill, self._key(dense_heads)), lambda: dist.log_threshold(f, dense_heads)
+        )
+
+    def l1_log_threshold(
+        self, kv_budget: float, recall: float, prefill: bool = False, dense_heads: torch.Tensor | None = None
+    ) -> float:
         """Level-1 threshold keeping the parents of ``recall`` of the keys the flat threshold keeps."""
         dist = self.prefill if prefill else self.decode
-        f = self.clustered_fraction(kv_budget)
-        return self._cached(("l1", kv_budget, recall, prefill), lambda: dist.l1_log_threshold(f, recall))
+        f = self.clustered_fraction(kv_budget, dense_heads)
+        return self._cached(
+            ("l1", kv_budget, recall, prefill, self._key(dense_heads)),
+            lambda: dist.l1_log_threshold(f, recall, dense_heads),
+        )
 
     def expected_kept_fraction(self, kv_budget: float) -> float:
         """The kept fraction the decode threshold gives on the calibration queries themselves."""

@@ -89,6 +89,25 @@ class SqueezedCorpus:
         self.build_seconds = build_seconds
         self.reads = ReadCounter(len(layers))
         self.source_baseline: torch.Tensor | None = None  # per-document focused mass of the probe
+        # (layers, kv_heads): focused attention the centroid selection dropped on the head probe
+        self.head_misses: torch.Tensor | None = None
+
+    def retrieval_heads(self, kv_budget: float, share: float) -> torch.Tensor | None:
+        """The heads read in full at this budget: ``(layers, kv_heads)`` bool, or ``None``.
+
+        As many of the heads that missed most on the head probe (``head_misses``, only those that
+        missed something; never the dense layers) as ``share`` of the budget pays for in full.
+        """
+        if self.head_misses is None or share <= 0 or kv_budget >= 1.0:
+            return None
+        misses = self.head_misses.clone()
+        misses[: self.config.dense_layers] = 0.0
+        n = min(int(share * kv_budget * misses.numel()), int((misses > 0).sum()))
+        if n <= 0:
+            return None
+        mask = torch.zeros(misses.numel(), dtype=torch.bool)
+        mask[torch.topk(misses.flatten(), n).indices] = True
+        return mask.view_as(misses)
 
     def source_prior(self) -> torch.Tensor:
         """What a generic question gives each document: the probe's share, floored at a tenth of

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from sqz_kernels import get_backend
 
-from . import attention
+from . import attention, head_probe
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
@@ -175,6 +175,8 @@ class SqueezedEngine:
             corpus.calibration = Calibration(
                 window, layers, capture.scale, len(ids), decode_q, prefill_q, dense_layers=cfg.dense_layers
             )
+        if cfg.retrieval_share > 0:
+            corpus.head_misses = self._probe_heads(corpus, clustered, cfg)
         corpus.build_seconds = time.perf_counter() - start
         with self._lock:
             self._corpora[name] = corpus
@@ -243,6 +245,20 @@ class SqueezedEngine:
             pass
         corpus.source_baseline = read.doc_mass.cpu()
         return read.decode_queries(), read.prefill_queries()
+
+    @torch.inference_mode()
+    def _probe_heads(self, corpus: SqueezedCorpus, clustered: torch.Tensor, cfg: SqueezeConfig) -> torch.Tensor:
+        """Read a question quoting the corpus back and measure, per head, the focused attention the
+        selection at the corpus's budget drops (see :mod:`head_probe`)."""
+        question = head_probe.probe_question(
+            corpus.token_ids, clustered, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        )
+        read = head_probe.MissedFocus(
+            corpus, self._plan(corpus, 1.0, False, "threshold"), self._plan(corpus, cfg.kv_budget, False, "threshold")
+        )
+        cache = DynamicCache()
+        self._forward(self.layout.suffix_ids(question), corpus.n_tokens, cache, read)
+        return read.missed_per_token()
 
     @torch.inference_mode()
     def _events(

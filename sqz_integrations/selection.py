@@ -40,6 +40,10 @@ class ReadPlan:
     l1_log_threshold: tuple[float, float] | None
     budget_keys: tuple[int, int] | None
     backend: ModuleType
+    # per kind, the (layer, KV head) pairs read in full (``(layers, kv_heads)`` bool) or None
+    dense_heads: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    # per kind, the layers that have any such head (known on the host: no device sync per layer)
+    dense_head_layers: tuple[frozenset, frozenset] = (frozenset(), frozenset())
 
     def reads_all(self, kind: int) -> bool:
         """Whether reads of this kind (0: decode, 1: multi-token) take the whole corpus."""
@@ -77,25 +81,31 @@ class ReadPlan:
             )
         cal = corpus.calibration
         budgets = (kv_budget, question_budget)
+        dense = tuple(corpus.retrieval_heads(b, cfg.retrieval_share) for b in budgets)
         return cls(
             kv_budget=kv_budget,
             question_budget=question_budget,
             selection=selection,
             hierarchical=hierarchical,
             log_threshold=(
-                tuple(cal.log_threshold(b, prefill=bool(k)) for k, b in enumerate(budgets))
+                tuple(cal.log_threshold(b, bool(k), dense[k]) for k, b in enumerate(budgets))
                 if selection == "threshold" else None
             ),
             # The level-1 threshold is always calibrated: in fixed mode it prunes the lookup the same way.
             l1_log_threshold=(
-                tuple(cal.l1_log_threshold(b, cfg.l1_recall, prefill=bool(k)) for k, b in enumerate(budgets))
+                tuple(cal.l1_log_threshold(b, cfg.l1_recall, bool(k), dense[k]) for k, b in enumerate(budgets))
                 if hierarchical else None
             ),
             budget_keys=(
-                tuple(budget_keys(corpus.n_tokens, corpus.n_always, cal.sparse_layer_budget(b)) for b in budgets)
+                tuple(budget_keys(corpus.n_tokens, corpus.n_always, cal.sparse_head_budget(b, dense[k]))
+                      for k, b in enumerate(budgets))
                 if selection == "fixed" else None
             ),
             backend=backend,
+            dense_heads=tuple(None if d is None else d.to(corpus.layers[0].keys.device) for d in dense),
+            dense_head_layers=tuple(
+                frozenset() if d is None else frozenset(d.any(1).nonzero().flatten().tolist()) for d in dense
+            ),
         )
 
 
@@ -119,7 +129,10 @@ class CorpusRead:
         layer, plan, be = self.corpus.layers[layer_idx], self.plan, self.plan.backend
         kind = int(q.shape[2] > 1)  # 0: one token (decode), 1: several (a question's prefill)
         dense = plan.reads_all(kind) or layer_idx < self.corpus.config.dense_layers
-        if plan.fused and not dense and plan.selection == "threshold":
+        dense_heads = None
+        if not dense and layer_idx in plan.dense_head_layers[kind]:
+            dense_heads = plan.dense_heads[kind][layer_idx]
+        if plan.fused and not dense and dense_heads is None and plan.selection == "threshold":
             # Triton: lookup + threshold + work list in one entry point (3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
@@ -144,6 +157,9 @@ class CorpusRead:
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
         else:
             selected = be.select_clusters(scores, layer.log_counts, budget_keys=plan.budget_keys[kind])
+        if dense_heads is not None:
+            # retrieval heads read every cluster (the Triton work list is then built by the attention)
+            selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
         return scores, selected, None
 
     def attend(self, layer_idx: int, q: torch.Tensor, dyn_k: torch.Tensor, dyn_v: torch.Tensor, scale: float):
