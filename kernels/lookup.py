@@ -149,6 +149,9 @@ def _scores_kernel(
         c = j
     d = tl.arange(0, HEAD_DIM)
     lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf"))
+    if SELECT:  # the cluster sizes, loaded with the log counts (after the stores they were one more round trip)
+        c_size = (tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
+                  - tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)).to(tl.int32)
     if not FROM_LOGITS:
         cent = tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
                        mask=jm[:, None], other=0.0)
@@ -162,6 +165,9 @@ def _scores_kernel(
     for m0 in range(0, rows_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < ROWS
+        if FROM_LOGITS:  # issued before the partials below, not after their reduction
+            lg_ptr = LOGITS + row.to(tl.int64) * ROWS * n_cent + rows[None, :] * n_cent + c[:, None]
+            s = tl.load(lg_ptr, mask=rmask[None, :] & jm[:, None], other=float("-inf"))  # (BLOCK_C, BLOCK_M)
         # the row's log2-denominator from the stats partials, all splits in one 2-D load (a loop over
         # 66 splits, one dependent load each, cost ~30 us per decode lookup on the H200)
         pm = (sp[:, None] < n_split_total) & rmask[None, :]
@@ -171,10 +177,7 @@ def _scores_kernel(
         msafe = tl.where(mm == float("-inf"), 0.0, mm)
         ll = tl.sum(ls * tl.exp2(ms - msafe[None, :]), 0)
         lse = mm + tl.log2(ll)
-        if FROM_LOGITS:
-            lg_ptr = LOGITS + row.to(tl.int64) * ROWS * n_cent + rows[None, :] * n_cent + c[:, None]
-            s = tl.load(lg_ptr, mask=rmask[None, :] & jm[:, None], other=float("-inf"))  # (BLOCK_C, BLOCK_M)
-        else:
+        if not FROM_LOGITS:
             q_ptr = Q + b.to(tl.int64) * stride_qb + (kvh * G + rows // T)[:, None].to(tl.int64) * stride_qh \
                 + (rows % T)[:, None].to(tl.int64) * stride_qt + d[None, :]
             q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
@@ -194,9 +197,7 @@ def _scores_kernel(
         inf = float("inf")
         keep = (score > -inf) & (score < inf) & (lw > -inf) & (lw < inf) & (score >= log_threshold)
         tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
-        lo = tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)
-        hi = tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
-        size = tl.where(keep & jm, hi - lo, 0).to(tl.int32)
+        size = tl.where(keep & jm, c_size, 0)
         tl.store(SUMS + row * tl.num_programs(1) + pid_c, tl.sum(size, 0))
 
 
@@ -302,7 +303,13 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
-    block_m = rq.cfg.scores_block_m or (16 if from_logits else (64 if cent.is_cuda else 32))
+    # from stored logits there is no dot, so no 16-row minimum: a tile of the real rows (decode: 4) keeps the
+    # partial statistics and logits tiles at a quarter of the registers (79 instead of 134 per thread). With
+    # the logits and cluster sizes loaded up front, the decode scores pass on the H200 (kernel time, us) went
+    # 512K batch 1 9.3 -> 7.9, batch 8 29.2 -> 18.5, 128K batch 8 8.8 -> 5.8 (128K batch 1 3.7, unchanged;
+    # benchmarks/results/kernels_notes.md, 2026-11-29)
+    block_m = rq.cfg.scores_block_m or (min(16, triton.next_power_of_2(rq.rows)) if from_logits
+                                        else (64 if cent.is_cuda else 32))
     # 8 warps for the recomputing scores pass: with 4 it measured 1.63 ms alone but 1.70 together with the
     # 4-warp stats pass, against 1.55 for 4-warp stats + 8-warp scores (prefill, 512K)
     warps = rq.cfg.scores_warps or (4 if from_logits else 8)
