@@ -42,6 +42,28 @@ class AttentionConfig:
 
 
 @triton.jit
+def _work_keys(idx_base, j, hi, n_sel, n_clu):
+    """Corpus key index of work slots ``j``: the listed selected keys, then the always-attended tail."""
+    in_list = j < n_sel
+    kid = tl.load(idx_base + j, mask=(j < hi) & in_list, other=0)
+    return tl.where(in_list, kid, n_clu + (j - n_sel)).to(tl.int64)
+
+
+@triton.jit
+def _online_tile(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """One key tile of the online softmax (log2 space): ``valid`` (BLOCK_M, BLOCK_N) masks the logits."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, IDX, CUM, OFFS, DK, DV, O_PART, L_PART, O, LSE,
     stride_qb, stride_qh, stride_qt,
@@ -72,35 +94,12 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
     if HAS_SPARSE:
-        q = q.to(K.dtype.element_ty)
+        # issued first and waited for only after the dynamic tiles below: the splits that hold a dynamic tile
+        # (they need no work list) hide this load (decode at 128K, with K and V loaded before each tile's first
+        # dot: attention 0.035 -> 0.033 ms)
         n_sel = tl.load(CUM + row.to(tl.int64) * n_clusters + n_clusters - 1)
         n_clu = tl.load(OFFS + kvh * stride_off + n_clusters).to(tl.int32)
-        total = n_sel + n_keys - n_clu
-        per = tl.cdiv(tl.cdiv(total, BLOCK_N), n_split_c) * BLOCK_N
-        lo = pid_s * per
-        hi = tl.minimum(lo + per, total)
-        k_base = K + kvh.to(tl.int64) * stride_kh
-        v_base = V + kvh.to(tl.int64) * stride_vh
-        idx_base = IDX + row.to(tl.int64) * idx_cap
-        for start in range(lo, hi, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            jm = j < hi
-            in_list = j < n_sel
-            kid = tl.load(idx_base + j, mask=jm & in_list, other=0)
-            kid = tl.where(in_list, kid, n_clu + (j - n_sel)).to(tl.int64)
-            k = tl.load(k_base + kid[:, None] * stride_kn + d[None, :], mask=jm[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(jm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + kid[:, None] * stride_vn + d[None, :], mask=jm[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
 
     if HAS_DYN:
         qd = q.to(DK.dtype.element_ty)
@@ -116,16 +115,26 @@ def _attn_kernel(
             n = start + tl.arange(0, BLOCK_N)
             nm = n < m_dyn
             k = tl.load(dk_base + n[:, None].to(tl.int64) * stride_dkn + d[None, :], mask=nm[:, None], other=0.0)
-            s = tl.dot(qd, tl.trans(k)) * qk_scale
-            s = tl.where(nm[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(dv_base + n[:, None].to(tl.int64) * stride_dvn + d[None, :], mask=nm[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_tile(qd, k, v, nm[None, :] & (n[None, :] <= pos[:, None]), m_i, l_i, acc,
+                                         qk_scale)
+
+    if HAS_SPARSE:
+        q = q.to(K.dtype.element_ty)
+        total = n_sel + n_keys - n_clu
+        per = tl.cdiv(tl.cdiv(total, BLOCK_N), n_split_c) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.minimum(lo + per, total)
+        k_base = K + kvh.to(tl.int64) * stride_kh
+        v_base = V + kvh.to(tl.int64) * stride_vh
+        idx_base = IDX + row.to(tl.int64) * idx_cap
+        for start in range(lo, hi, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            jm = j < hi
+            kid = _work_keys(idx_base, j, hi, n_sel, n_clu)
+            k = tl.load(k_base + kid[:, None] * stride_kn + d[None, :], mask=jm[:, None], other=0.0)
+            v = tl.load(v_base + kid[:, None] * stride_vn + d[None, :], mask=jm[:, None], other=0.0)
+            m_i, l_i, acc = _online_tile(q, k, v, jm[None, :], m_i, l_i, acc, qk_scale)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -152,7 +161,8 @@ def _combine_kernel(
     """Exact merge of the splits of one query row by their log-sum-exp (flash-decoding's reduce).
 
     The splits are read SPLIT_CHUNK at a time as one 2-D tile: a loop of one split per step (one small
-    dependent load each) made this merge cost tens of microseconds at 67 splits on the H200.
+    dependent load each) made this merge cost tens of microseconds at 67 splits on the H200. Up to 64 splits
+    in one tile: at 33 splits one step instead of two, 3.9 -> 2.3 us of kernel time (decode batch 1).
     """
     row = tl.program_id(0)
     r = tl.program_id(1)
@@ -215,18 +225,22 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # Tiles, measured on the H200 (bf16, d=128, 8 KV heads x 4, 10% of 512K keys kept; 2026-11-28,
     # CUDA-graph replays, median):
     # decode (<= 16 rows), batch 1 (33 splits): 16 x 128 tiles, 2 stages: 0.074 ms; 16 x 64 with 2 / 3 / 4
-    # stages 0.083 / 0.079 / 0.078, 16 x 32 with 4 stages 0.098, 8 warps 0.079-0.091. Batch 8 (9 splits,
-    # long loops): 16 x 64 / 3 stages 0.434 ms, 16 x 128 / 2 stages 0.535. So 128-key tiles only when
-    # few (row, KV head) pairs are split many ways.
+    # stages 0.083 / 0.079 / 0.078, 16 x 32 with 4 stages 0.098, 8 warps 0.079-0.091. Batch 8 then took
+    # 0.434 ms with 16 x 64 / 3 stages and 0.535 with 16 x 128 / 2 stages. Re-measured on 2026-11-29, with
+    # the dynamic tiles first and K and V loaded before the tile's first dot, 16 x 128 / 2 stages is the
+    # fastest decode tile at both batch sizes (ms, attention alone, 128K / 512K): batch 8 0.122 / 0.398 against 0.134 / 0.433 for
+    # 16 x 64 / 3 stages; batch 1 0.031 / 0.072 against 0.031-0.035 / 0.075-0.085 for 64-key tiles with 2 or
+    # 3 stages and 33-48 splits (kernels_notes.md). Triton's pipeliner (2 stages) keeps one K/V tile in
+    # flight and loads the work-list indices of the next tile synchronously; 3 stages load them ahead but
+    # take 139 KB of shared memory with 128-key tiles (one program per SM).
     # prefill: 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
     # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
     decode = rows <= 16
     sms = num_sms(dev)
-    wide = decode and on_gpu and b * kvh < sms // 4
     block_m = cfg.block_m or (16 if decode else (64 if on_gpu else 32))
-    block_n = cfg.block_n or ((128 if wide else 64) if on_gpu else 32)
+    block_n = cfg.block_n or ((128 if decode else 64) if on_gpu else 32)
     warps = cfg.num_warps or 4
-    stages = cfg.num_stages or (2 if wide else 3)
+    stages = cfg.num_stages or (2 if decode else 3)
     m_tiles = triton.cdiv(rows, block_m)
     programs = b * kvh * m_tiles
     if corpus is None:
@@ -294,7 +308,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
             o_part, l_part, out, lse,
             out.stride(0), out.stride(1), out.stride(2),
             kvh, g, t, rows, n_split_total,
-            HEAD_DIM=d, SPLIT_CHUNK=min(32, triton.next_power_of_2(n_split_total)), WRITE_LSE=write_lse,
+            HEAD_DIM=d, SPLIT_CHUNK=min(64, triton.next_power_of_2(n_split_total)), WRITE_LSE=write_lse,
             num_warps=4,
         )
     return (out, lse) if write_lse else out
