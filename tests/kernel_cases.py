@@ -50,6 +50,8 @@ _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
 _case("select-budget", kind="select_budget", b=2, kvh=3, c=41)
 _case("worklist", kind="worklist", b=3, kvh=2, c=29, n=301)
+# more selected keys in one chunk than one block of output slots (1024): ranges cross slot blocks
+_case("worklist-long", kind="worklist", b=1, kvh=2, c=29, n=3001)
 _case("merge", kind="merge", b=2, h=6, t=5, d=64)
 for _g in (1, 3, 4):
     _case(f"sparse-decode-gqa{_g}", kind="sparse", b=2, kvh=2, g=_g, t=1, d=64, c=23, n=403, tail=5,
