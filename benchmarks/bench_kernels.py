@@ -139,6 +139,25 @@ def bench(fn, graph: bool = False) -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def profile_kernels(fn, log, label: str, reps: int = 20) -> dict:
+    """Mean device time per call of each kernel that ``fn`` launches (eager, torch.profiler / CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.self_device_time_total > 0:
+            out[ev.key[:60]] = round(ev.self_device_time_total / reps, 2)
+    log(f"  kernel profile {label} (us per call): {out}")
+    return out
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (TB/s)."""
     if DEV == "cpu":
@@ -366,6 +385,36 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             graph=True) for s in (8, 16, 33, 66, 132)}
         log(f"  splits sweep N={n}: {rec['sweep_splits']}")
 
+    if args.decode_ab and mode == "decode" and n >= 131072:
+        # decode variants in one process: attention tiles / stages / splits and the lookup's stats tiles
+        ab = {}
+        variants = {"default": AttentionConfig()}
+        for bn, st, sp in ((64, 3, 33), (64, 3, 40), (64, 2, 33), (64, 2, 48), (128, 3, 16), (128, 2, 24),
+                           (128, 2, 40)):
+            variants[f"{bn}/{st}/{sp if batch == 1 else 'default'}"] = AttentionConfig(
+                block_n=bn, num_stages=st, num_splits=sp if batch == 1 else None)
+        for name, cfg in variants.items():
+            try:
+                ab[f"attention {name}"] = bench(lambda: tri.squeezed_attention(
+                    q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl, config=cfg), graph=True)
+            except Exception as exc:
+                ab[f"attention {name}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+        lookups = {"default": None}
+        for sp, st, bc in ((33, 2, 128), (48, 2, 128), (33, 3, 128), (24, 3, 128), (66, 3, 64), (33, 4, 64)):
+            lookups[f"stats {sp} splits / {st} stages / {bc}"] = LookupConfig(num_splits=sp, num_stages=st,
+                                                                              stats_block_c=bc)
+        for name, lc in lookups.items():
+            ab[f"lookup+select+list {name}"] = bench(
+                lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc), graph=True)
+        rec["decode_ab"] = ab
+        log(f"  decode A/B N={n} batch={batch}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    if args.profile and mode == "decode" and DEV == "cuda":
+        def whole_default():
+            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
+        rec["kernel_profile_us"] = profile_kernels(whole_default, log, f"N={n} batch={batch}")
+
     # dense baselines over corpus + dynamic keys, a copy per row as a dense cache holds it
     kf = torch.cat([keys.unsqueeze(0).expand(batch, -1, -1, -1), dk], 2).contiguous()
     vf = torch.cat([values.unsqueeze(0).expand(batch, -1, -1, -1), dv], 2).contiguous()
@@ -418,6 +467,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["decode1", "decode8", "prefill"],
                     help="cases per N: decode1 (batch 1), decode8 (batch 8), prefill")
     ap.add_argument("--selection-sweep", action="store_true", help="time the fused selection's cluster block")
+    ap.add_argument("--decode-ab", action="store_true", help="decode attention variants, A/B in one process")
+    ap.add_argument("--profile", action="store_true", help="decode: device time of each kernel of the path")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],
                     help="FlexAttention compiles once per shape (tens of seconds): only these N")
