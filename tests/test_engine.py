@@ -55,14 +55,17 @@ def test_question_budget_applies_to_multi_token_reads_only(make_tiny_engine):
     # one multi-token read at question_budget=1.0 is exact whatever the decode budget
     dense_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125, question_budget=1.0)
     assert torch.allclose(dense_q, exact, atol=2e-4)
-    sparse_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125)
+    # the default reads a question in full; question_budget=kv_budget is the paper's sparse reading
+    default_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125)
+    assert torch.allclose(default_q, exact, atol=2e-4)
+    sparse_q = engine.score_continuation("docs", suffix, per_token=False, kv_budget=0.125, question_budget=0.125)
     assert not torch.allclose(sparse_q, exact, atol=2e-4)
     # token by token, every read is a decode read: question_budget does not apply
     stepwise = engine.score_continuation("docs", suffix, per_token=True, kv_budget=1.0, question_budget=0.125)
     assert torch.allclose(stepwise, exact, atol=2e-4)
     # an answer whose question is read in full reads more than one read entirely at the budget
-    plain = engine.answer(QUESTION, corpus="docs", max_new_tokens=6)
-    dense = engine.answer(QUESTION, corpus="docs", max_new_tokens=6, question_budget=1.0)
+    plain = engine.answer(QUESTION, corpus="docs", max_new_tokens=6, question_budget=0.25)
+    dense = engine.answer(QUESTION, corpus="docs", max_new_tokens=6)
     assert plain.kept_fraction < dense.kept_fraction < 1.0
     with pytest.raises(ValueError, match="question_budget"):
         engine.answer(QUESTION, corpus="docs", question_budget=0.0)
@@ -96,7 +99,7 @@ def test_questions_never_change_the_corpus(make_tiny_engine):
 
 
 def test_budget_per_call_and_fixed_mode(make_tiny_engine):
-    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.5, selection="fixed", observation_window=16))
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.5, selection="fixed", observation_window=16, question_budget=None))
     corpus = engine.add_corpus("docs", DOCS, progress=False)
     for budget in (0.5, 0.25):
         ans = engine.answer(QUESTION, corpus="docs", max_new_tokens=4, kv_budget=budget)

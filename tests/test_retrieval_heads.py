@@ -16,7 +16,7 @@ QUESTION = "Which word comes after river?"
 
 @pytest.fixture
 def engine_and_corpus(make_tiny_engine):
-    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16, retrieval_share=1.0))
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16, retrieval_share=1.0, question_budget=None))
     return engine, engine.add_corpus("docs", DOCS, progress=False)
 
 
