@@ -6,10 +6,10 @@ from pathlib import Path
 from statistics import mean, median
 
 FAMILY_ORDER = (
-    "full", "squeezed-flat", "squeezed-hier", "squeezed-dq", "kvpress-none", "kvpress-snapkv", "kvpress-streamingllm",
+    "full", "squeezed-flat", "squeezed-hier", "squeezed-sq", "kvpress-none", "kvpress-snapkv", "kvpress-streamingllm",
     "kvpress-expected_attention", "kvpress-knorm", "rag-minilm", "rag-bm25",
 )
-SQUEEZED = ("squeezed-flat", "squeezed-hier", "squeezed-dq")
+SQUEEZED = ("squeezed-flat", "squeezed-hier", "squeezed-sq")
 JUDGE_THRESHOLD = 0.6  # lengths where full KV scores at least this are the ones the targets judge
 
 

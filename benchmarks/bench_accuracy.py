@@ -11,9 +11,11 @@ Writes ``<out>/<name>.json``, ``<name>.md`` and PNG plots (``<name>`` is ``accur
   tokens; decoding stops at end of turn or as soon as the expected value appears in the answer
   (stopping there cannot change a "contains the value" score, and saves decoding time);
 - full KV = the engine at ``kv_budget=1.0`` (exact full-KV reuse);
-- squeezed = the engine at each budget, flat and hierarchical, all from ONE corpus build per case;
-  squeezed-dq = flat, with the question's tokens reading the whole corpus and only the generated
-  tokens at the budget (``question_budget=1.0``; its measured kept fraction counts the dense read);
+- squeezed = the engine at each budget, flat and hierarchical, all from ONE corpus build per case,
+  with the engine's defaults: the question's tokens read the whole corpus once and the generated
+  tokens read at the budget (``question_budget=1.0``; the measured kept fraction counts that read),
+  retrieval heads read in full (``retrieval_share``); with ``--sparse-question`` also squeezed-sq =
+  flat with the question read at the budget too (the paper's reading);
 - kvpress = presses through kvpress's pipeline in ``.venv-kvpress`` (``kvpress_runner.py``), on
   the same prompt token ids, one shared prefill per case (proved equal to one pipeline run per
   press and budget on ``--validate-cases`` cases, reported in the results);
@@ -163,11 +165,11 @@ def case_fields(case: niah.Case) -> dict:
 
 
 # ---------------------------------------------------------------------------- systems
-def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes, dense_question: bool = True) -> list[dict]:
+def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes, sparse_question: bool = False) -> list[dict]:
     """One corpus build (prefill + K-means + calibration, level-1 centroids included), then full KV
-    and every budget, flat and hierarchical, from that one build; with ``dense_question`` also the
-    flat lookup with the question's tokens reading the whole corpus (``question_budget=1.0``) and
-    only the generated tokens reading at the budget (family ``squeezed-dq``)."""
+    and every budget, flat and hierarchical, from that one build (the engine's question budget);
+    with ``sparse_question`` also the flat lookup with the question's tokens read at the budget too
+    (``question_budget=budget``, family ``squeezed-sq``)."""
     rows = []
     with PeakRSS() as build_mem:
         corpus = engine.add_corpus(case.case_id, [case.context], progress=False, replace=True,
@@ -179,7 +181,7 @@ def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes, dense_que
     stop = sorted({case.expected, case.expected.capitalize()})
     runs = [("full", 1.0, False, None)] + [
         ("squeezed-hier" if h else "squeezed-flat", b, h, None) for b in budgets for h in hier_modes
-    ] + [("squeezed-dq", b, False, 1.0) for b in budgets if dense_question]
+    ] + [("squeezed-sq", b, False, b) for b in budgets if sparse_question]
     for family, budget, hier, question_budget in runs:
         with PeakRSS() as mem:
             ans = engine.answer(case.question, corpus=case.case_id, max_new_tokens=max_new_tokens,
@@ -188,6 +190,7 @@ def run_engine_case(engine, case, budgets, max_new_tokens, hier_modes, dense_que
         text = engine.tokenizer.decode(ans.token_ids, skip_special_tokens=True)
         rows.append({
             **case_fields(case), "system": f"{family}@{budget:g}", "family": family, "kv_budget": budget,
+            "question_budget": question_budget or engine.config.question_budget or budget,
             "answer": text, "correct": niah.score(text, case.expected),
             "time_to_first_token": ans.time_to_first_token, "total_time": ans.total_time,
             "completion_tokens": ans.completion_tokens, "kept_fraction": ans.kept_fraction,
@@ -267,8 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"answer token limit for every kind (default per kind: {MAX_NEW_TOKENS})")
     p.add_argument("--no-hierarchical", action="store_true")
-    p.add_argument("--no-dense-question", action="store_true",
-                   help="skip squeezed-dq (the question read in full, generated tokens at the budget)")
+    p.add_argument("--sparse-question", action="store_true",
+                   help="also squeezed-sq: the question's tokens read the corpus at the budget too (the paper's reading)")
     p.add_argument("--presses", nargs="*", default=None, help=f"kvpress presses (default {' '.join(PRESSES)}); none to skip")
     p.add_argument("--no-kvpress", action="store_true")
     p.add_argument("--kvpress-venv", type=Path, default=KVPRESS_VENV)
@@ -306,6 +309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budgets = args.budgets or ([0.25, 0.125] if quick else list(BUDGETS))
     if args.presses is None:
         args.presses = [] if quick else list(PRESSES)
+    args.sparse_question = args.sparse_question or quick  # the smoke test covers every engine family
     if quick or args.no_kvpress:
         args.presses = []
     if args.validate_cases is None:
@@ -398,7 +402,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         if not args.rag_worker:
             rows += run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes,
-                                    not args.no_dense_question)
+                                    args.sparse_question)
         if args.retrievers and not rag_in_worker:
             timed = case.length not in seen_lengths  # RAG timings: the first case of each length
             seen_lengths.add(case.length)

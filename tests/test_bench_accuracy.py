@@ -82,7 +82,7 @@ def test_chunks_cover_the_text_and_budgets_cap_retrieved_tokens(tokenizer):
 @needs_essays
 @needs_model
 def test_quick_mode_end_to_end(tmp_path):
-    """--quick: real SmolLM2, 3 cases, full KV + squeezed (flat, hierarchical, dense question) + RAG; JSON,
+    """--quick: real SmolLM2, 3 cases, full KV + squeezed (flat, hierarchical, sparse question) + RAG; JSON,
     markdown, plots."""
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_accuracy.py"), "--quick", "--out", str(tmp_path)],
@@ -92,7 +92,7 @@ def test_quick_mode_end_to_end(tmp_path):
     result = json.loads((tmp_path / "accuracy_quick.json").read_text())
     systems = result["summary"]["systems"]
     for name in ("full@1", "squeezed-flat@0.25", "squeezed-hier@0.25", "squeezed-flat@0.125", "squeezed-hier@0.125",
-                 "squeezed-dq@0.25", "squeezed-dq@0.125"):
+                 "squeezed-sq@0.25", "squeezed-sq@0.125"):
         assert systems[name]["n"] == result["n_cases"] == 3
     assert {r["kind"] for r in result["rows"]} == {"passkey", "fact", "multikv"}
     for r in result["rows"]:
