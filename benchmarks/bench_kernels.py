@@ -386,28 +386,38 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         log(f"  splits sweep N={n}: {rec['sweep_splits']}")
 
     if args.decode_ab and mode == "decode" and n >= 131072:
-        # decode variants in one process: attention tiles / stages / splits and the lookup's stats tiles
+        # decode: the work-list expansion inside the lookup's scores pass (look-back over the blocks of a row)
+        # against its own launch, A/B in one process, twice in alternation; plus equality of the two work lists
+        from sqz_kernels import lookup as lookup_mod
         ab = {}
-        variants = {"default": AttentionConfig()}
-        for bn, st, sp in ((64, 3, 33), (64, 3, 40), (64, 2, 33), (64, 2, 48), (128, 3, 16), (128, 2, 24),
-                           (128, 2, 40)):
-            variants[f"{bn}/{st}/{sp if batch == 1 else 'default'}"] = AttentionConfig(
-                block_n=bn, num_stages=st, num_splits=sp if batch == 1 else None)
-        for name, cfg in variants.items():
-            try:
-                ab[f"attention {name}"] = bench(lambda: tri.squeezed_attention(
-                    q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl, config=cfg), graph=True)
-            except Exception as exc:
-                ab[f"attention {name}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
-        lookups = {"default": None}
-        for sp, st, bc in ((33, 2, 128), (48, 2, 128), (33, 3, 128), (24, 3, 128), (66, 3, 64), (33, 4, 64)):
-            lookups[f"stats {sp} splits / {st} stages / {bc}"] = LookupConfig(num_splits=sp, num_stages=st,
-                                                                              stats_block_c=bc)
-        for name, lc in lookups.items():
-            ab[f"lookup+select+list {name}"] = bench(
-                lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc), graph=True)
+        saved = lookup_mod._FUSE_EXPAND
+
+        def whole_ab():
+            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
+        try:
+            lists = {}
+            for fused in (False, True):
+                lookup_mod._FUSE_EXPAND = fused
+                lists[fused] = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)[2]
+            (i0, c0), (i1, c1) = lists[False], lists[True]
+            same = torch.equal(c0, c1)
+            if same:
+                cnt = c0[..., -1].flatten().tolist()
+                a0, a1 = i0.flatten(0, 1), i1.flatten(0, 1)
+                same = all(torch.equal(a0[r, :k], a1[r, :k]) for r, k in enumerate(cnt))
+            ab["fused_expand_equal"] = bool(same)
+            for rep in range(2):
+                for fused in (False, True):
+                    lookup_mod._FUSE_EXPAND = fused
+                    tag = f"{'fused expand' if fused else 'expand launch'} #{rep}"
+                    ab[f"lookup+select+list {tag}"] = bench(
+                        lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n), graph=True)
+                    ab[f"whole path {tag}"] = bench(whole_ab, graph=True)
+        finally:
+            lookup_mod._FUSE_EXPAND = saved
         rec["decode_ab"] = ab
-        log(f"  decode A/B N={n} batch={batch}: " + ", ".join(
+        log(f"  fused-expand A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     if args.profile and mode == "decode" and DEV == "cuda":
         def whole_default():
@@ -467,7 +477,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["decode1", "decode8", "prefill"],
                     help="cases per N: decode1 (batch 1), decode8 (batch 8), prefill")
     ap.add_argument("--selection-sweep", action="store_true", help="time the fused selection's cluster block")
-    ap.add_argument("--decode-ab", action="store_true", help="decode attention variants, A/B in one process")
+    ap.add_argument("--decode-ab", action="store_true",
+                    help="decode: work-list expansion in the scores pass or its own launch, A/B in one process")
     ap.add_argument("--profile", action="store_true", help="decode: device time of each kernel of the path")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],

@@ -26,11 +26,13 @@ Selection, fused (:func:`centroid_selection`): the scores pass also applies the 
 selection and the selected key count of its block of clusters, and the work list's expansion
 (:func:`.worklist.expand_worklist`) takes those blocks as its chunks: 3 launches for lookup + selection
 + work list instead of 5 (decode batch 1 on the H200: 128K 0.060 -> 0.050 ms for the whole path, 32K
-0.046 -> 0.029; benchmarks/results/kernels_notes.md).
+0.046 -> 0.029; benchmarks/results/kernels_notes.md). In decode the scores pass also expands the work list
+(each block of a row waits for the selected key counts of the blocks before it): 2 launches.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .hardware import num_sms
-from .worklist import build_worklist, expand_worklist, select_worklist
+from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -49,10 +51,19 @@ LN2 = 0.6931471805599453
 # 0.037 ms per 512K lookup, against 0.038 for 64 and 0.040 for 256.
 _STORE_LOGITS_MAX_ROWS = 16
 
+# Decode: centroid_selection expands the work list inside the scores pass (a look-back over the blocks of a
+# row, see _scores_kernel) instead of in a launch of its own. A/B in one process on the H200 (whole decode
+# path, ms, separate launch -> fused): 128K batch 1 0.0491 / 0.0488 -> 0.0473 / 0.0476, batch 8 0.1612 /
+# 0.1606 -> 0.1592 / 0.1588; 512K batch 1 0.1041 / 0.1046 -> 0.1029 / 0.1031, batch 8 0.5411 / 0.5414 ->
+# 0.5374 / 0.5369. Prefill keeps the separate launch: fused, its flat path measured 128K 1.2393 / 1.2325 ->
+# 1.2346 / 1.2346 and 512K 4.5203 / 4.5123 -> 4.5544 / 4.5442 (slower). SQZ_SEPARATE_EXPAND=1 selects the
+# separate launch in decode too (for A/B timings; the benchmark's --decode-ab flips this attribute).
+_FUSE_EXPAND = os.environ.get("SQZ_SEPARATE_EXPAND") != "1"
+
 
 @triton.jit
 def _stats_kernel(
-    Q, CENT, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS,
+    Q, CENT, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS, FLAGS,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -60,13 +71,19 @@ def _stats_kernel(
     n_list_ranges,  # row stride of LCUM (list mode)
     KVH, G, T, ROWS,
     split_base, n_split_total, n_splits,
-    logit_scale,
+    logit_scale, n_flags,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if ZERO_FLAGS:
+        # the fused selection's look-back flags (one per scores block of this row, see _scores_kernel):
+        # zeroed here, one launch before the scores pass reads them, so no memset launch is needed
+        fl = tl.arange(0, 128)
+        for f0 in range(0, tl.where((pid_m == 0) & (pid_s == 0), n_flags, 0), 128):
+            tl.store(FLAGS + row * n_flags + f0 + fl, tl.zeros([128], tl.int32), mask=f0 + fl < n_flags)
     b = row // KVH
     kvh = row % KVH
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +138,7 @@ def _stats_kernel(
 
 @triton.jit
 def _scores_kernel(
-    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS,
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -129,9 +146,10 @@ def _scores_kernel(
     KVH, G, T, ROWS,
     n_split_total,
     logit_scale, log_rows,
-    stride_coff, log_threshold,
+    stride_coff, log_threshold, idx_cap,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr,
+    EXPAND: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
 ):
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -198,7 +216,33 @@ def _scores_kernel(
         keep = (score > -inf) & (score < inf) & (lw > -inf) & (lw < inf) & (score >= log_threshold)
         tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
         size = tl.where(keep & jm, c_size, 0)
-        tl.store(SUMS + row * tl.num_programs(1) + pid_c, tl.sum(size, 0))
+        total = tl.sum(size, 0)
+        flags = SUMS + row * tl.num_programs(1)
+        if EXPAND:
+            # The work list's expansion, fused (no expand launch): this block needs the selected key count
+            # of the blocks before it in its row. Each block publishes its count + 1 (0 = not yet: the stats
+            # pass zeroed the flags), then reads all earlier flags of its row in one vector load until none
+            # is 0 (the counts do not depend on each other, so no chained wait).
+            # Cannot hang: a block waits only on blocks of the same row with a lower pid_c, i.e. a lower
+            # linear block index in either rasterization of the 2-D grid; blocks are dispatched in linear
+            # order (the assumption CUB's single-pass decoupled look-back scan makes with blockIdx-ordered
+            # tiles), so every block waited on has started, and a started block publishes before it waits.
+            # The flag store is a relaxed GPU-scope atomic and the reads are volatile (strong): nothing else
+            # crosses blocks (each block expands only its own clusters from its registers).
+            tl.atomic_xchg(flags + pid_c, total + 1, sem="relaxed", scope="gpu")
+            blk = tl.arange(0, BLOCKS_P2)
+            earlier = blk < pid_c
+            prev = tl.load(flags + blk, mask=earlier, other=1, volatile=True)
+            while tl.min(prev, 0) == 0:
+                prev = tl.load(flags + blk, mask=earlier, other=1, volatile=True)
+            base = tl.sum(prev - 1, 0)
+            local = tl.cumsum(size, 0)
+            cum_row = CUM + row.to(tl.int64) * n_cent
+            tl.store(cum_row + c, base + local, mask=jm)
+            _expand_markers(IDX + row.to(tl.int64) * idx_cap + base, cum_row, C_OFFS + kvh * stride_coff,
+                            c, jm, size, local, total, base, pid_c * BLOCK_C, SLOTS)
+        else:
+            tl.store(flags + pid_c, total)
 
 
 @dataclass(frozen=True)
@@ -266,7 +310,7 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
-           scale, excl=None, lst=None, lcum=None):
+           scale, excl=None, lst=None, lcum=None, flags=None):
     n_cent = cent.shape[1]
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
@@ -275,14 +319,15 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         excl if excl is not None else dummy,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
-        m_buf, l_buf, logits if logits is not None else dummy,
+        m_buf, l_buf, logits if logits is not None else dummy, flags if flags is not None else dummy,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
         split_base, n_split_total, n_splits,
-        scale * LOG2E,
+        scale * LOG2E, flags.shape[-1] if flags is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
+        ZERO_FLAGS=flags is not None,
         num_warps=rq.warps, num_stages=rq.stages,
     )
 
@@ -299,7 +344,9 @@ def _scores_block_c(rq: _Rows) -> int:
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
             select=None):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
-    log_threshold)``: also the threshold selection and its per-block selected key counts."""
+    log_threshold, worklist)``: also the threshold selection and its per-block selected key counts; with
+    ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
+    the stats pass zeroed."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
@@ -315,20 +362,22 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     warps = rq.cfg.scores_warps or (4 if from_logits else 8)
     grid = (rq.b * rq.kvh, triton.cdiv(n_cent, block_c))
     dummy = m_buf
-    sel, sums, c_offs, thr = select if select is not None else (dummy, dummy, dummy, 0.0)
+    sel, sums, c_offs, thr, wl = select if select is not None else (dummy, dummy, dummy, 0.0, None)
+    idx, cum = wl if wl is not None else (dummy, dummy)
     _scores_kernel[grid](
         rq.q, cent, logn,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
-        m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs,
+        m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs, idx, cum,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
         n_split_total,
         scale * LOG2E, math.log(rq.rows),
-        c_offs.stride(0) if select is not None else 0, float(thr),
+        c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None,
+        EXPAND=wl is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
         num_warps=warps, num_stages=rq.stages,
     )
 
@@ -364,7 +413,8 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     l_buf = torch.empty_like(m_buf)
     logits = (torch.empty(rq.b * rq.kvh, rq.rows, n_cent, dtype=torch.float32, device=rq.q.device)
               if rq.decode else None)
-    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale)
+    flags = select[1] if select is not None and select[4] is not None else None
+    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags)
     _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select)
 
 
@@ -375,7 +425,8 @@ def centroid_selection(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.centroid_selection`: the flat lookup, the threshold
     selection and the work list in three launches (stats, scores + selection + per-block key counts,
-    work-list expansion) where ``centroid_scores`` + ``select_clusters`` + ``build_worklist`` take five.
+    work-list expansion) where ``centroid_scores`` + ``select_clusters`` + ``build_worklist`` take five; in
+    decode two (the scores pass also expands the work list, see ``_FUSE_EXPAND``).
 
     Returns ``(scores (B, KVH, C) float32, selected (B, KVH, C) bool, worklist = (idx, cum))``; pass the
     work list to ``squeezed_attention(..., worklist=worklist)``.
@@ -395,7 +446,12 @@ def centroid_selection(
     block_c = _scores_block_c(rq)
     sums = torch.empty(rq.b * kvh, triton.cdiv(n_cent, block_c), dtype=torch.int32, device=dev)
     sel = selected.view(torch.int8)
-    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold))
+    if _FUSE_EXPAND and rq.decode:
+        cum = torch.empty(rq.b, kvh, n_cent, dtype=torch.int32, device=dev)
+        idx = torch.empty(rq.b, kvh, max(n_keys, 1), dtype=torch.int32, device=dev)
+        _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum)))
+        return scores, selected, (idx, cum)
+    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None))
     return scores, selected, expand_worklist(sel, offs, sums, block_c, n_keys)
 
 

@@ -21,7 +21,8 @@ dependent loads of ``cum``), and take 16 us (batch 8: 34 us) with the markers; a
 us (benchmarks/results/kernels_worklist_search_20261128-2339 against kernels_20261128-2340).
 
 :func:`select_worklist` folds the threshold selection into launch 1; :func:`.lookup.centroid_selection`
-folds it and launch 1 into the lookup's scores pass and calls :func:`expand_worklist` alone.
+folds it and launch 1 into the lookup's scores pass and calls :func:`expand_worklist` alone (prefill), or
+in decode also runs launch 2's expansion (:func:`_expand_markers`) inside that scores pass.
 
 The list has room for every index (``capacity`` = the total length); slots at and after ``cum[-1]`` are
 left unwritten and are never read (readers bound themselves by ``cum[-1]``).
@@ -83,6 +84,35 @@ def _max_combine(a, b):
 
 
 @triton.jit
+def _expand_markers(idx_row, cum_row, offs_row, c, cm, size, local, total, base, first, SLOTS: tl.constexpr):
+    """Expand one chunk of ranges ``c`` (``first`` its first range, ``size`` the selected sizes, ``local``
+    their inclusive prefix, ``total`` their sum, ``base`` the selected indices of the earlier chunks) into
+    its ``total`` output slots at ``idx_row`` (already offset by ``base``); ``cum_row[c] = base + local``
+    must already be stored by this program. Also called from the lookup's fused scores pass.
+
+    The chunk's own output slots [0, total) first hold markers: -1 everywhere, then at the first slot of
+    every non-empty selected range its index in the chunk. A running max over the slots then gives every
+    slot its range: a few independent loads per slot block instead of the dependent loads of a binary
+    search."""
+    for s0 in range(0, total, SLOTS):
+        j = s0 + tl.arange(0, SLOTS)
+        tl.store(idx_row + j, tl.full([SLOTS], -1, tl.int32), mask=j < total)
+    tl.debug_barrier()  # all -1 written before any marker
+    tl.store(idx_row + (local - size), (c - first).to(tl.int32), mask=cm & (size > 0))
+    tl.debug_barrier()  # markers and cum written before they are read by other threads
+    carry = tl.max(tl.full([SLOTS], -1, tl.int32), 0)
+    for s0 in range(0, total, SLOTS):
+        j = s0 + tl.arange(0, SLOTS)
+        valid = j < total
+        m = tl.load(idx_row + j, mask=valid, other=-1)
+        m = tl.maximum(tl.associative_scan(m, 0, _max_combine), carry)
+        carry = tl.max(m, 0)
+        cum_c = tl.load(cum_row + first + m, mask=valid, other=0) - base
+        end = tl.load(offs_row + first + m + 1, mask=valid, other=0).to(tl.int32)
+        tl.store(idx_row + j, end - (cum_c - j), mask=valid)
+
+
+@triton.jit
 def _scan_expand_kernel(
     SEL, OFFS, SUMS, CUM, IDX, n_ranges, n_chunks, capacity, offset_rows, stride_off,
     CHUNK: tl.constexpr, CHUNKS_P2: tl.constexpr, SLOTS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -103,26 +133,7 @@ def _scan_expand_kernel(
     first = k * CHUNK
     idx_row = IDX + row.to(tl.int64) * capacity + base
     if MARKERS:
-        # The chunk's own output slots [0, total) first hold markers: -1 everywhere, then at the first
-        # slot of every non-empty selected range its index in the chunk. A running max over the slots
-        # then gives every slot its range: a few independent loads per slot block instead of the
-        # SEARCH_STEPS dependent loads of a binary search.
-        for s0 in range(0, total, SLOTS):
-            j = s0 + tl.arange(0, SLOTS)
-            tl.store(idx_row + j, tl.full([SLOTS], -1, tl.int32), mask=j < total)
-        tl.debug_barrier()  # all -1 written before any marker
-        tl.store(idx_row + (local - size), (c - first).to(tl.int32), mask=cm & (size > 0))
-        tl.debug_barrier()  # markers and cum written before they are read by other threads
-        carry = tl.max(tl.full([SLOTS], -1, tl.int32), 0)
-        for s0 in range(0, total, SLOTS):
-            j = s0 + tl.arange(0, SLOTS)
-            valid = j < total
-            m = tl.load(idx_row + j, mask=valid, other=-1)
-            m = tl.maximum(tl.associative_scan(m, 0, _max_combine), carry)
-            carry = tl.max(m, 0)
-            cum_c = tl.load(cum_row + first + m, mask=valid, other=0) - base
-            end = tl.load(OFFS + off_row * stride_off + first + m + 1, mask=valid, other=0).to(tl.int32)
-            tl.store(idx_row + j, end - (cum_c - j), mask=valid)
+        _expand_markers(idx_row, cum_row, OFFS + off_row * stride_off, c, cm, size, local, total, base, first, SLOTS)
     else:
         tl.debug_barrier()  # the binary search below reads what the other threads just wrote
         for s0 in range(0, total, SLOTS):

@@ -45,6 +45,12 @@ _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="
 _case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
 _case("selection-decode", kind="selection", b=2, kvh=2, g=4, t=1, d=64, c=150, n=1201, tail=5, m=20,
       dtype="float16")
+# 600 clusters: 3 scores blocks of 256 per row, so the fused work-list expansion waits on earlier blocks
+_case("selection-decode-blocks", kind="selection", b=1, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16")
+# flat prefill: 128-cluster scores blocks (recomputed logits), 3 per row; the work list in its own launch
+_case("selection-prefill-flat", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
+      dtype="float32")
 _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
       dtype="float32", p=9)
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
