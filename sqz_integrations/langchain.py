@@ -63,6 +63,7 @@ _CALL_KWARGS = {
     "top_p": "top_p",
     "seed": "seed",
     "kv_budget": "kv_budget",
+    "question_budget": "question_budget",
 }
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
@@ -183,6 +184,8 @@ class ChatSqueezed(BaseChatModel):
     """Seed for sampling (temperature > 0), for repeatable samples."""
     kv_budget: float | None = Field(default=None, gt=0.0, le=1.0)
     """Fraction of the corpus keys each step attends to; None keeps the engine's config."""
+    question_budget: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Budget of the question's read (its tokens read together); None keeps the engine's config."""
     streaming: bool = False
     """If True, `invoke` goes through the streaming path (callbacks see every token)."""
 
@@ -264,6 +267,7 @@ class ChatSqueezed(BaseChatModel):
             "top_p": self.top_p,
             "seed": self.seed,
             "kv_budget": self.kv_budget,
+            "question_budget": self.question_budget,
             "stop": self.stop,
         }
 
@@ -293,6 +297,7 @@ class ChatSqueezed(BaseChatModel):
             "top_p": self.top_p,
             "seed": self.seed,
             "kv_budget": self.kv_budget,
+            "question_budget": self.question_budget,
         }
         unknown = sorted(set(kwargs) - set(_CALL_KWARGS) - {"stream"})
         if unknown:

@@ -179,6 +179,9 @@ class SqueezedLLM(CustomLLM):
     kv_budget: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of corpus keys attended; None: engine config."
     )
+    question_budget: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Budget of the question's read; None: engine config."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -208,7 +211,7 @@ class SqueezedLLM(CustomLLM):
     # -- translation helpers -------------------------------------------------------------
 
     def _engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"max_new_tokens", "max_tokens", "temperature", "top_p", "stop", "seed", "kv_budget"}
+        allowed = {"max_new_tokens", "max_tokens", "temperature", "top_p", "stop", "seed", "kv_budget", "question_budget"}
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(f"SqueezedLLM got unsupported arguments {unknown}; supported: {sorted(allowed)}")
@@ -218,6 +221,7 @@ class SqueezedLLM(CustomLLM):
             "top_p": kwargs.get("top_p", self.top_p),
             "seed": kwargs.get("seed", self.seed),
             "kv_budget": kwargs.get("kv_budget", self.kv_budget),
+            "question_budget": kwargs.get("question_budget", self.question_budget),
         }
         stop = kwargs.get("stop", self.stop)
         out["stop"] = list(stop) if stop else None

@@ -162,6 +162,19 @@ def test_invoke_is_the_engine_answer_with_metadata(llm, smol_engine, reference):
     assert all(s["metadata"]["source"] and s["text"] for s in sources)
 
 
+def test_budgets_per_call_and_per_model_reach_the_engine(smol_engine, llm, reference):
+    sparse = reference(QUESTION, kv_budget=0.25, question_budget=0.25)
+    msg = llm.invoke(QUESTION, kv_budget=0.25, question_budget=0.25)
+    assert msg.content == sparse.text
+    assert msg.response_metadata["kept_fraction"] == pytest.approx(sparse.kept_fraction)
+    fixed = ChatSqueezed(engine=smol_engine, corpus=CORPUS, max_new_tokens=N, kv_budget=0.25, question_budget=0.25)
+    assert fixed.invoke(QUESTION).response_metadata["kept_fraction"] == pytest.approx(sparse.kept_fraction)
+    # the default reads the question in full: more of the corpus than the sparse read
+    assert llm.invoke(QUESTION, kv_budget=0.25).response_metadata["kept_fraction"] > sparse.kept_fraction
+    with pytest.raises(ValueError):
+        ChatSqueezed(engine=smol_engine, corpus=CORPUS, question_budget=0.0)
+
+
 def test_chat_history_is_the_dynamic_part(llm, smol_engine):
     history = [
         SystemMessage("Answer in one short sentence."),

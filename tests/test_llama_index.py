@@ -95,6 +95,17 @@ def test_complete_and_chat_are_the_engine_answer(llm, index, reference):
     assert chat.raw["answer"].prompt_tokens == expected.prompt_tokens > answer.prompt_tokens
 
 
+def test_budgets_per_call_and_per_model_reach_the_engine(llm, index, reference):
+    sparse = reference(QUESTION, kv_budget=0.25, question_budget=0.25)
+    completion = llm.complete(QUESTION, kv_budget=0.25, question_budget=0.25)
+    assert completion.text == sparse.text
+    assert completion.additional_kwargs["kept_fraction"] == pytest.approx(sparse.kept_fraction)
+    fixed = index.as_llm(max_new_tokens=N, kv_budget=0.25, question_budget=0.25)
+    assert fixed.complete(QUESTION).additional_kwargs["kept_fraction"] == pytest.approx(sparse.kept_fraction)
+    # the default reads the question in full: more of the corpus than the sparse read
+    assert llm.complete(QUESTION, kv_budget=0.25).additional_kwargs["kept_fraction"] > sparse.kept_fraction
+
+
 def test_streaming_matches_and_is_incremental(llm, reference):
     text = reference(QUESTION).text
     deltas = [r.delta for r in llm.stream_complete(QUESTION)]
