@@ -84,9 +84,10 @@ class ScoreDistribution:
         idx = int(torch.searchsorted(cum, torch.tensor([recall * float(cum[-1])], dtype=torch.float64)))
         return math.nextafter(float(parent[order][min(idx, cut - 1)]), -math.inf)
 
-    def kept(self, fraction: float) -> float:
-        cut = self._cut(self.weights, fraction)
-        return float(self.weights[:cut].sum()) / float(self.weights.sum()) if cut else 0.0
+    def kept(self, fraction: float, excluded: torch.Tensor | None = None) -> float:
+        _, weights, _ = self._view(excluded)
+        cut = self._cut(weights, fraction)
+        return float(weights[:cut].sum()) / float(weights.sum()) if cut else 0.0
 
 
 def _scored(queries: list[torch.Tensor], layers, scale: float, share: float, first_layer: int):
@@ -221,8 +222,12 @@ class Calibration:
             lambda: dist.l1_log_threshold(f, recall, dense_heads),
         )
 
-    def expected_kept_fraction(self, kv_budget: float) -> float:
-        """The kept fraction the decode threshold gives on the calibration queries themselves."""
-        kept = self.decode.kept(self.clustered_fraction(kv_budget))
+    def expected_kept_fraction(self, kv_budget: float, dense_heads: torch.Tensor | None = None) -> float:
+        """The kept fraction the decode threshold gives on the calibration queries themselves
+        (the dense layers and ``dense_heads`` read everything)."""
+        kept = self.decode.kept(self.clustered_fraction(kv_budget, dense_heads), dense_heads)
         sparse = (kept * self.n_clustered + self.n_always) / self.n_tokens
-        return (sparse * (self.n_layers - self.dense_layers) + self.dense_layers) / self.n_layers
+        n_dense = int(dense_heads.sum()) if dense_heads is not None else 0
+        heads = (self.n_layers - self.dense_layers) * self.kv_heads
+        per_head = (sparse * (heads - n_dense) + n_dense) / heads
+        return (per_head * (self.n_layers - self.dense_layers) + self.dense_layers) / self.n_layers

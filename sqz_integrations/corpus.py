@@ -155,7 +155,9 @@ class SqueezedCorpus:
             "kept_fraction": measured,
             "kept_fraction_per_layer": per_layer,
             "questions_read": reads[0],
-            "calibration_kept_fraction": self.calibration.expected_kept_fraction(self.config.kv_budget),
+            "calibration_kept_fraction": self.calibration.expected_kept_fraction(
+                self.config.kv_budget, self.retrieval_heads(self.config.kv_budget, self.config.retrieval_share)
+            ),
             "build_seconds": self.build_seconds,
         }
 

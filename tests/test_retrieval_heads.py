@@ -83,3 +83,14 @@ def test_retrieval_share_is_checked():
         SqueezeConfig(retrieval_share=1.5)
     with pytest.raises(ValueError, match="retrieval_share"):
         SqueezeConfig(retrieval_share=-0.1)
+
+
+def test_calibration_expects_the_budget_with_dense_heads(engine_and_corpus):
+    _, corpus = engine_and_corpus
+    cal = corpus.calibration
+    heads = corpus.retrieval_heads(0.5, 1.0)
+    assert int(heads.sum()) == 2
+    # the dense heads are paid from the budget, so the calibration queries still keep about half
+    assert cal.expected_kept_fraction(0.5, heads) == pytest.approx(cal.expected_kept_fraction(0.5), abs=0.1)
+    assert cal.expected_kept_fraction(0.5, heads) >= int(heads.sum()) / heads.numel()
+    assert "calibration_kept_fraction" in corpus.stats()
