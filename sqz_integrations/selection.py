@@ -22,6 +22,8 @@ from .corpus import SqueezedCorpus, budget_keys
 _MEASURE_MAX_TOKENS = 64
 # A key counts for the sources when one head gives it at least this share of its attention.
 _FOCUS = 0.05
+# Largest logits slice (float32 elements) the source measure materialises at once: 2**26 is 256 MB.
+_MAX_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -185,17 +187,23 @@ class CorpusRead:
         """
         b, h, t, d = q.shape
         kvh, n, _ = layer.keys.shape
-        qg = q.float().reshape(b, kvh, (h // kvh) * t, d)
-        s = torch.matmul(qg, layer.keys.float().transpose(-1, -2)) * scale  # B, KVH, G*T, N
-        keep = reference.cluster_key_mask(selected, layer.cluster_offsets, n)
-        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
-        m = dyn_k.shape[2]
-        sd = torch.matmul(qg, dyn_k.float().transpose(-1, -2)) * scale  # B, KVH, G*T, M
-        qpos = (torch.arange((h // kvh) * t, device=q.device) % t) + (m - t)
-        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > qpos[:, None], float("-inf"))
-        lse = torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1))  # B, KVH, G*T
-        p = torch.exp(s - lse.unsqueeze(-1))
-        mass = (p * (p >= _FOCUS)).sum(dim=(0, 2))  # KVH, N
+        m, rows = dyn_k.shape[2], (h // kvh) * t
+        # q.K in the keys' own dtype, logits cast after: no float32 copy of the layer's keys per step,
+        # and the rows (query heads x tokens) go in slices of at most _MAX_ELEMENTS logits
+        qg = q.reshape(b, kvh, rows, d).to(layer.keys.dtype)
+        keys_t, dyn_t = layer.keys.transpose(-1, -2), dyn_k.to(layer.keys.dtype).transpose(-1, -2)
+        dropped = ~reference.cluster_key_mask(selected, layer.cluster_offsets, n)[:, :, None, :]
+        qpos = (torch.arange(rows, device=q.device) % t) + (m - t)
+        step = max(1, _MAX_ELEMENTS // (b * kvh * (n + m)))
+        mass = torch.zeros(kvh, n, device=q.device)
+        for r0 in range(0, rows, step):
+            qs = qg[:, :, r0 : r0 + step]
+            s = (torch.matmul(qs, keys_t).float() * scale).masked_fill(dropped, float("-inf"))  # B, KVH, R, N
+            sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, R, M
+            sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > qpos[r0 : r0 + step, None], float("-inf"))
+            lse = torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1))  # B, KVH, R
+            p = torch.exp(s - lse.unsqueeze(-1))
+            mass += (p * (p >= _FOCUS)).sum(dim=(0, 2))
         in_doc = layer.key_doc >= 0
         self.doc_mass.index_add_(0, layer.key_doc[in_doc], mass[in_doc].double())
 
