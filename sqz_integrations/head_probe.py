@@ -6,8 +6,8 @@ below its own logit (measured, SmolLM2 NIAH: a layer-7 head put 0.96-0.98 of its
 needle's key, whose centroid scored it 18 nats lower; the key was no outlier of its cluster).
 The probe makes those heads fire: a question that quotes passages of the corpus back, so each
 quoted token has an exact earlier occurrence to attend to. It is read over the whole corpus, and
-for every (layer, KV head) we add up the focused attention (keys given at least ``FOCUS`` of a
-query head's attention) that a decode-time selection at a reference budget would have dropped.
+for every (layer, KV head) we add up the focused attention (keys given at least 5% of a query
+head's attention, :func:`~sqz_integrations.selection.focused_attention`) that a decode-time selection at a reference budget would have dropped.
 Heads ranked first by that missed mass are the ones a :class:`ReadPlan` reads in full.
 """
 from __future__ import annotations
@@ -16,15 +16,11 @@ import torch
 
 from sqz_kernels import reference
 
-from .selection import CorpusRead, ReadPlan
+from .selection import CorpusRead, ReadPlan, focused_attention
 
-# A key counts as a head's focus when it gets at least this share of the head's attention.
-FOCUS = 0.05
 # Passages quoted by the probe, and tokens per passage; spread evenly over the clustered tokens.
 N_PASSAGES = 4
 PASSAGE_TOKENS = 24
-# Largest logits slice (float32 elements) the probe materialises at once: 2**26 is 256 MB.
-MAX_ELEMENTS = 2**26
 
 
 def probe_question(token_ids: list[int], clustered: torch.Tensor, decode) -> str:
@@ -51,33 +47,20 @@ class MissedFocus(CorpusRead):
     def attend(self, layer_idx, q, dyn_k, dyn_v, scale):
         out = super().attend(layer_idx, q, dyn_k, dyn_v, scale)
         layer = self.corpus.layers[layer_idx]
-        t, n, m = q.shape[2], layer.keys.shape[1], dyn_k.shape[2]
-        # tokens per slice: the slice's logits (heads x tokens x keys float32) stay under MAX_ELEMENTS,
-        # so a 512K-token corpus is probed in slices of a few tokens instead of one 10 GB matrix
-        step = max(1, MAX_ELEMENTS // (q.shape[1] * (n + m)))
-        missed = sum(self._missed(layer, q, dyn_k, scale, t0, min(t, t0 + step)) for t0 in range(0, t, step))
-        self.missed[layer_idx] += missed.double().cpu()
-        if layer_idx == 0:
-            self.tokens += t
-        return out
-
-    def _missed(self, layer, q, dyn_k, scale, t0: int, t1: int) -> torch.Tensor:
-        """(kv_heads,): summed over the probe tokens ``t0:t1``, the focused mass their selection drops."""
-        h, t, d = q.shape[1:]
         kvh, n, _ = layer.keys.shape
-        g, m = h // kvh, dyn_k.shape[2]
-        # every token as its own decode read: (T, H, 1, D)
-        per_token = q[0, :, t0:t1].transpose(0, 1).unsqueeze(2)
-        scores = reference.centroid_scores(per_token, layer.centroids, layer.log_counts, scale)
-        selected = reference.select_clusters(scores, layer.log_counts, log_threshold=self.reference_plan.log_threshold[0])
-        dropped = ~reference.cluster_key_mask(selected, layer.cluster_offsets, n).transpose(0, 1).unsqueeze(1)
-        qg = q[0, :, t0:t1].reshape(kvh, g, t1 - t0, d)
-        logits = torch.matmul(qg, layer.keys.transpose(-1, -2).unsqueeze(1)).float() * scale  # KVH, G, T, N
-        dyn = torch.matmul(qg, dyn_k[0].transpose(-1, -2).unsqueeze(1)).float() * scale  # KVH, G, T, M
-        pos = torch.arange(t0, t1, device=q.device) + m - t
-        dyn = dyn.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
-        p = torch.exp(logits - torch.logaddexp(torch.logsumexp(logits, -1), torch.logsumexp(dyn, -1)).unsqueeze(-1))
-        return (p * (p >= FOCUS) * dropped).sum(dim=(1, 2, 3)) / g
+        g = q.shape[1] // kvh
+        for t0, t1, p in focused_attention(q, layer.keys, dyn_k, scale):
+            # every token of the slice as its own decode read: (T', H, 1, D)
+            per_token = q[0, :, t0:t1].transpose(0, 1).unsqueeze(2)
+            scores = reference.centroid_scores(per_token, layer.centroids, layer.log_counts, scale)
+            selected = reference.select_clusters(
+                scores, layer.log_counts, log_threshold=self.reference_plan.log_threshold[0]
+            )
+            dropped = ~reference.cluster_key_mask(selected, layer.cluster_offsets, n).transpose(0, 1).unsqueeze(1)
+            self.missed[layer_idx] += ((p[0] * dropped).sum(dim=(1, 2, 3)) / g).double().cpu()
+        if layer_idx == 0:
+            self.tokens += q.shape[2]
+        return out
 
     def missed_per_token(self) -> torch.Tensor:
         """(layers, kv_heads): mean focused attention mass per probe token that the selection dropped."""

@@ -22,8 +22,38 @@ from .corpus import SqueezedCorpus, budget_keys
 _MEASURE_MAX_TOKENS = 64
 # A key counts for the sources when one head gives it at least this share of its attention.
 _FOCUS = 0.05
-# Largest logits slice (float32 elements) the source measure materialises at once: 2**26 is 256 MB.
+# Largest logits slice (float32 elements) focused_attention materialises at once: 2**26 is 256 MB.
 _MAX_ELEMENTS = 2**26
+
+
+def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
+                      keep: torch.Tensor | None = None):
+    """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``, where a
+    query head focuses: yields ``(t0, t1, p)`` over slices of the query tokens, ``p`` ``(B, KVH, G, t1 - t0,
+    N)`` float32 the probability of each corpus key (softmax over the corpus keys, only those in ``keep``
+    ``(B, KVH, N)`` if given, and the causal dynamic keys ``dyn_k``), zero below ``_FOCUS``.
+
+    q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
+    slice holds at most ``_MAX_ELEMENTS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
+    b, h, t, d = q.shape
+    kvh, n, _ = keys.shape
+    g, m = h // kvh, dyn_k.shape[2]
+    qg = q.reshape(b, kvh, g, t, d).to(keys.dtype)
+    keys_t = keys.transpose(-1, -2)[None, :, None]  # 1, KVH, 1, D, N
+    dyn_t = dyn_k.to(keys.dtype).transpose(-1, -2).unsqueeze(2)  # B, KVH, 1, D, M
+    dropped = None if keep is None else ~keep[:, :, None, None, :]
+    step = max(1, _MAX_ELEMENTS // (b * h * (n + m)))
+    for t0 in range(0, t, step):
+        t1 = min(t, t0 + step)
+        qs = qg[:, :, :, t0:t1]
+        s = torch.matmul(qs, keys_t).float() * scale  # B, KVH, G, T', N
+        if dropped is not None:
+            s = s.masked_fill(dropped, float("-inf"))
+        sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, G, T', M
+        pos = torch.arange(t0, t1, device=q.device) + (m - t)
+        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        p = torch.exp(s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1))
+        yield t0, t1, p * (p >= _FOCUS)
 
 
 @dataclass(frozen=True)
@@ -185,25 +215,8 @@ class CorpusRead:
         ranked documents by position, whatever the question (measured on 4 essays with a planted
         fact: the same document first for every question).
         """
-        b, h, t, d = q.shape
-        kvh, n, _ = layer.keys.shape
-        m, rows = dyn_k.shape[2], (h // kvh) * t
-        # q.K in the keys' own dtype, logits cast after: no float32 copy of the layer's keys per step,
-        # and the rows (query heads x tokens) go in slices of at most _MAX_ELEMENTS logits
-        qg = q.reshape(b, kvh, rows, d).to(layer.keys.dtype)
-        keys_t, dyn_t = layer.keys.transpose(-1, -2), dyn_k.to(layer.keys.dtype).transpose(-1, -2)
-        dropped = ~reference.cluster_key_mask(selected, layer.cluster_offsets, n)[:, :, None, :]
-        qpos = (torch.arange(rows, device=q.device) % t) + (m - t)
-        step = max(1, _MAX_ELEMENTS // (b * kvh * (n + m)))
-        mass = torch.zeros(kvh, n, device=q.device)
-        for r0 in range(0, rows, step):
-            qs = qg[:, :, r0 : r0 + step]
-            s = (torch.matmul(qs, keys_t).float() * scale).masked_fill(dropped, float("-inf"))  # B, KVH, R, N
-            sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, R, M
-            sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > qpos[r0 : r0 + step, None], float("-inf"))
-            lse = torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1))  # B, KVH, R
-            p = torch.exp(s - lse.unsqueeze(-1))
-            mass += (p * (p >= _FOCUS)).sum(dim=(0, 2))
+        keep = reference.cluster_key_mask(selected, layer.cluster_offsets, layer.keys.shape[1])
+        mass = sum(p.sum(dim=(0, 2, 3)) for *_, p in focused_attention(q, layer.keys, dyn_k, scale, keep))  # KVH, N
         in_doc = layer.key_doc >= 0
         self.doc_mass.index_add_(0, layer.key_doc[in_doc], mass[in_doc].double())
 
