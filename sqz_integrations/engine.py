@@ -239,11 +239,11 @@ class SqueezedEngine:
     @torch.inference_mode()
     def _probe(self, corpus: SqueezedCorpus, cfg: SqueezeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Answer a probe question over the whole corpus and keep its queries for calibration."""
-        read = QueryRecorder(corpus, self._plan(corpus, 1.0, False, "threshold"), track_sources=True)
+        read = QueryRecorder(corpus, self._plan(corpus, 1.0, False, "threshold"), track_sources=cfg.sources)
         suffix = self.layout.suffix_ids(cfg.calibration_probe)
         for _ in self._decode(corpus, suffix, read, Sampler(SamplingParams(), self.device), cfg.probe_tokens):
             pass
-        corpus.source_baseline = read.doc_mass.cpu()
+        corpus.source_baseline = read.doc_mass.cpu() if cfg.sources else None
         return read.decode_queries(), read.prefill_queries()
 
     @torch.inference_mode()
@@ -269,7 +269,7 @@ class SqueezedEngine:
         c = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)
         plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
-        read = CorpusRead(c, plan)
+        read = CorpusRead(c, plan, track_sources=c.config.sources)
         sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         first_token_time, finish = None, "length"

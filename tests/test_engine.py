@@ -201,6 +201,20 @@ def test_hierarchical_skips_level2_centroids(make_tiny_engine):
     assert hier.kept_fraction > 0
 
 
+def test_sources_off_same_answer_no_sources(make_tiny_engine):
+    cfg = SqueezeConfig(kv_budget=0.25, observation_window=16)
+    engine = make_tiny_engine("llama", cfg)
+    engine.add_corpus("on", DOCS, progress=False)
+    engine.add_corpus("off", DOCS, progress=False, config=cfg.replace(sources=False))
+    assert engine.get_corpus("off").source_baseline is None
+    on = engine.answer(QUESTION, corpus="on", max_new_tokens=5)
+    off = engine.answer(QUESTION, corpus="off", max_new_tokens=5)
+    assert on.sources and off.sources == []
+    assert on.token_ids == off.token_ids and on.kept_fraction == pytest.approx(off.kept_fraction)
+    with pytest.raises(TypeError, match="sources"):
+        SqueezeConfig(sources="no")
+
+
 def test_sources_measured_in_slices_are_the_same(make_tiny_engine, monkeypatch):
     from sqz_integrations import selection
 
