@@ -23,6 +23,11 @@ Writes ``<out>/<name>.json``, ``<name>.md`` and PNG plots (``<name>`` is ``accur
 
 A full run keeps both cores busy with three single-threaded processes: this one (engine builds,
 engine answers, fidelity), the kvpress runner and a RAG worker (this script with ``--rag-worker``).
+The RAG worker has the least to do: once its RAG answers are done it takes engine work too (the
+fidelity measure, then engine cases from the last one back), each item claimed by whichever of the
+two processes gets to it first (``Claims``), so that the three processes end at about the same time.
+Squeezed answers run with ``SqueezeConfig(sources=False)``: the benchmark scores answers, not the
+documents they cite, and the source measure is an extra q.K pass per generated token.
 """
 from __future__ import annotations
 
@@ -255,6 +260,24 @@ def kvpress_rows(result: dict, cases_by_id: dict) -> list[dict]:
     return rows
 
 
+class Claims:
+    """Work items shared by the main process and the RAG worker: ``take(item)`` is true for exactly
+    one process (an exclusive file creation in a shared folder). Without a folder every item is
+    this process's own."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def take(self, item: str) -> bool:
+        if self.folder is None:
+            return True
+        try:
+            os.close(os.open(self.folder / item, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,6 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="combine the JSONs of shard runs (disjoint cases) into <name>.json/.md/plots; runs nothing")
     p.add_argument("--rag-worker", type=Path, default=None, help=argparse.SUPPRESS)  # internal: RAG rows -> this file
+    p.add_argument("--claims", type=Path, default=None, help=argparse.SUPPRESS)  # internal: shared work items
     args = p.parse_args(argv)
     quick = args.quick
     args.name = args.name or ("accuracy_quick" if quick else "accuracy")
@@ -318,8 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fidelity_lengths is None:
         args.fidelity_lengths = [1024] if quick else [2048, 4096]
     args.fidelity_tokens = args.fidelity_tokens or (12 if quick else 96)
-    if args.rag_worker:  # the worker answers RAG only; the parent runs everything else
-        args.presses, args.fidelity_lengths = [], []
+    if args.rag_worker:  # the worker answers RAG, then shares the engine work (``Claims``); kvpress is the parent's
+        args.presses = []
     args.max_new_tokens = {k: args.max_new_tokens for k in niah.KINDS} if args.max_new_tokens else dict(MAX_NEW_TOKENS)
     return args
 
@@ -342,7 +366,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    engine = SqueezedEngine.from_pretrained(config=SqueezeConfig(hierarchical=True))
+    engine = SqueezedEngine.from_pretrained(config=SqueezeConfig(hierarchical=True, sources=False))
     cases = niah.make_cases(engine.tokenizer, args.cases, args.depths, args.kinds, args.seed)
     if args.shard:  # every case is drawn (same seed, same cases as a whole run), then this shard's share
         cases = cases[args.shard[0] :: args.shard[1]]
@@ -390,7 +414,10 @@ def main(argv=None) -> int:
     rag_in_worker = bool(args.retrievers) and not args.serial and not args.quick and not args.rag_worker
     if rag_in_worker:
         rag_out = Path(tempfile.mkdtemp(prefix="rag_rows_")) / "rag.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]), "--rag-worker", str(rag_out)]
+        args.claims = rag_out.parent / "claims"
+        args.claims.mkdir()
+        cmd = [sys.executable, str(Path(__file__).resolve()), *(argv if argv is not None else sys.argv[1:]),
+               "--rag-worker", str(rag_out), "--claims", str(args.claims)]
         rag_proc = subprocess.Popen(cmd)
         logger.info("RAG worker pid %d", rag_proc.pid)
 
@@ -398,11 +425,23 @@ def main(argv=None) -> int:
     rag_checks: list[dict] = []
     seen_lengths: set[int] = set()
     embedder = rag_baseline.MiniLMEmbedder() if "minilm" in args.retrievers and not rag_in_worker else None
+    claims = Claims(args.claims)
+
+    def engine_case(case) -> None:
+        if claims.take(f"engine-{case.case_id}"):
+            rows.extend(run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes,
+                                        args.sparse_question))
+
+    fid_rows: list[dict] = []
+
+    def fidelity_measure() -> None:
+        if fid_items and claims.take("fidelity"):
+            fid_rows.extend(fidelity.run_engine(engine, fid_items, args.budgets, hier_modes, progress=logger.info)[0])
+
     for n, case in enumerate(cases, 1):
         t = time.perf_counter()
         if not args.rag_worker:
-            rows += run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes,
-                                    args.sparse_question)
+            engine_case(case)
         if args.retrievers and not rag_in_worker:
             timed = case.length not in seen_lengths  # RAG timings: the first case of each length
             seen_lengths.add(case.length)
@@ -413,10 +452,19 @@ def main(argv=None) -> int:
         logger.info("%scase %d/%d %s: %s (%.0fs)", "RAG " if args.rag_worker else "", n, len(cases), case.case_id,
                     " ".join(f"{r['system']}={'Y' if r['correct'] else 'n'}" for r in done), time.perf_counter() - t)
     if args.rag_worker:
-        args.rag_worker.write_text(json.dumps({"rows": rows, "checks": rag_checks, "cpu_seconds": time.process_time()}))
+        fidelity_measure()
+        for case in reversed(cases):
+            t = time.perf_counter()
+            before = len(rows)
+            engine_case(case)
+            if len(rows) > before:
+                logger.info("engine case %s (taken over from the main process): %s (%.0fs)", case.case_id,
+                            " ".join(f"{r['system']}={'Y' if r['correct'] else 'n'}" for r in rows[before:]), time.perf_counter() - t)
+        args.rag_worker.write_text(json.dumps({"rows": rows, "checks": rag_checks, "fidelity": fid_rows,
+                                               "cpu_seconds": time.process_time()}))
         return 0
 
-    fid_rows, _ = fidelity.run_engine(engine, fid_items, args.budgets, hier_modes, progress=logger.info) if fid_items else ([], [])
+    fidelity_measure()
 
     rag_cpu = None
     if rag_proc is not None:
@@ -426,6 +474,7 @@ def main(argv=None) -> int:
         shutil.rmtree(rag_out.parent, ignore_errors=True)
         rows += rag_result["rows"]
         rag_checks += rag_result["checks"]
+        fid_rows += rag_result["fidelity"]
         rag_cpu = rag_result["cpu_seconds"]
 
     kv_result = None
@@ -442,6 +491,9 @@ def main(argv=None) -> int:
             if f["press"] != "none":
                 fid_rows.append({"name": f["name"], "system": f"kvpress-{f['press']}", "kv_budget": f["kv_budget"],
                                  "tokens": f["tokens"], "top1_agreement": f["top1_agreement"], "mean_kl": f["mean_kl"]})
+
+    order = {c.case_id: i for i, c in enumerate(cases)}
+    rows.sort(key=lambda r: order.get(r["case_id"], len(order)))  # stable: per case, the order systems ran in
 
     import resource
 

@@ -16,7 +16,9 @@ hook *after* that layer's prefill attention, so the hidden states of every layer
 each press's input, are those of the uncompressed model whatever the press and its ratio. The
 fan-out hook calls each press's own ``compress`` (kvpress's scoring and top-k pruning, with that
 press's compression ratio) on the full keys/values of the layer, stores the result, and leaves the
-cache uncompressed for the next layer. ``validate`` runs kvpress's pipeline itself, one prefill per
+cache uncompressed for the next layer. A press whose scores do not depend on its ratio (SnapKV,
+ExpectedAttention, KNorm) is scored once per layer for all budgets, then pruned per budget as
+``ScorerPress.compress`` does (``keep_top``). ``validate`` runs kvpress's pipeline itself, one prefill per
 press and budget, on a few cases and compares the answers token for token.
 
 Usage (inside .venv-kvpress): python kvpress_runner.py JOB.json RESULT.json
@@ -39,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipe
 import kvpress
 from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
 from kvpress.presses.base_press import BasePress, is_prefilling
-from kvpress.utils import extract_keys_and_values
+from kvpress.utils import compute_n_kept, extract_keys_and_values
 
 logger = logging.getLogger("kvpress_runner")
 
@@ -49,6 +51,11 @@ PRESSES = {
     "expected_attention": ExpectedAttentionPress,
     "knorm": KnormPress,
 }
+
+
+# Presses whose ``score`` does not read their compression ratio (StreamingLLM's does): one score per
+# layer serves every budget, then ScorerPress.compress's own top-k and gather per ratio.
+RATIO_FREE_SCORES = (SnapKVPress, ExpectedAttentionPress, KnormPress)
 
 
 def make_press(name: str, kv_budget: float):
@@ -75,11 +82,31 @@ class FanOutPress(BasePress):
         if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
             return output
         keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        scores: dict = {}  # press class -> (this layer's scores, seconds the scoring took)
         for key, press in self.presses.items():
             start = time.perf_counter()
-            self.kept[key][module.layer_idx] = press.compress(module, hidden_states, keys, values, output[1], kwargs)
+            if type(press) in RATIO_FREE_SCORES and press.compression_ratio > 0:
+                if type(press) not in scores:
+                    s = press.score(module, hidden_states, keys, values, output[1], kwargs)
+                    scores[type(press)] = (s, time.perf_counter() - start)
+                    start = time.perf_counter()
+                s, score_s = scores[type(press)]
+                self.kept[key][module.layer_idx] = keep_top(s, keys, values, press.compression_ratio)
+                # every budget is charged the scoring, as a run of that press alone would be
+                self.seconds[key] += score_s
+            else:
+                self.kept[key][module.layer_idx] = press.compress(module, hidden_states, keys, values, output[1], kwargs)
             self.seconds[key] += time.perf_counter() - start
         return output
+
+
+def keep_top(scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, compression_ratio: float):
+    """``ScorerPress.compress`` after its ``score`` call (kvpress 0.5.5), line for line: keep the
+    ``compute_n_kept`` best-scored keys/values of every head. ``run_validation`` checks the answers
+    against kvpress's own pipeline."""
+    n_kept = compute_n_kept(keys.shape[2], compression_ratio)
+    indices = scores.topk(n_kept, dim=-1).indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    return keys.gather(2, indices).contiguous(), values.gather(2, indices).contiguous()
 
 
 def cache_from(layers: dict) -> DynamicCache:

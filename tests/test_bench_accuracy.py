@@ -132,3 +132,13 @@ def test_shards_split_the_cases_and_merge_back():
     assert merged["cpu_seconds"] == {"main": 10.0, "kvpress": None}
     with pytest.raises(ValueError, match="overlap"):
         bench_accuracy.merge_results([a, _part(["c1"], ["full@1"], "c")])
+
+
+def test_claims_give_each_work_item_to_one_process(tmp_path):
+    import bench_accuracy
+
+    main, worker = bench_accuracy.Claims(tmp_path), bench_accuracy.Claims(tmp_path)
+    assert main.take("engine-c1") and not worker.take("engine-c1") and not main.take("engine-c1")
+    assert worker.take("fidelity") and not main.take("fidelity")
+    alone = bench_accuracy.Claims(None)  # no shared folder: every item is this process's
+    assert alone.take("engine-c1") and alone.take("engine-c1")
