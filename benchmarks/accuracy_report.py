@@ -180,7 +180,8 @@ def markdown(result: dict) -> str:
         "- Every system gets the same prompt token ids: the engine's chat layout (system prompt, the haystack as one "
         "document, then the question). Full KV is the engine at kv_budget=1.0 (exact full-KV reuse).",
         "- Squeezed: one corpus build per case (prefill + K-means + calibration, level-1 centroids included) serves "
-        "every budget, flat and hierarchical. `kept` is the measured fraction of corpus keys read.",
+        "every budget, flat and hierarchical. `kept` is the measured fraction of corpus keys read. Answers run "
+        "without the source measure (`SqueezeConfig(sources=False)`).",
         "- RAG: chunks of about 256 tokens (the size that splits the haystack into 2^m equal chunks; smaller when the "
         "budget is under one chunk), top-k by MiniLM (all-MiniLM-L6-v2) or BM25 with k*chunk = budget*context tokens, "
         "in rank order, answered with plain attention. "
@@ -201,8 +202,10 @@ def markdown(result: dict) -> str:
             "- kvpress: presses through kvpress's pipeline (`KVPressTextGenerationPipeline.forward` on the same ids) in its "
             "own venv (transformers<5.3). One prefill per case serves every press and budget: kvpress prunes a layer "
             "after that layer's prefill attention, so each press's inputs are those of the uncompressed model; the fan-out "
-            "calls each press's own `compress`. Checked against the pipeline itself (see the check above). The presses do "
-            "not see the question (kvpress's default). `build s` = that shared prefill + the press's own compression time."
+            "calls each press's own `compress` (SnapKV, ExpectedAttention and KNorm, whose scores do not depend on the "
+            "ratio: their `score` once per layer, then `compress`'s top-k per budget). Checked against the pipeline "
+            "itself (see the check above). The presses do not see the question (kvpress's default). `build s` = that "
+            "shared prefill + the press's own compression time (its scoring charged to every budget)."
         ))
     return "\n".join(lines) + "\n"
 
