@@ -419,6 +419,37 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         rec["decode_ab"] = ab
         log(f"  fused-expand A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    if args.pdl_ab and mode == "decode" and DEV == "cuda":
+        # programmatic dependent launch in the decode chain off / on (sqz_kernels.hardware.PDL), A/B in one
+        # process, twice in alternation; plus bit-equality of the outputs and work lists of the two
+        from sqz_kernels import hardware as hw_mod
+        ab = {"pdl_supported": hw_mod.use_pdl(q.device) if hw_mod.PDL else None}
+        saved = hw_mod.PDL
+
+        def whole_pdl():
+            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
+        try:
+            outs = {}
+            for on in (False, True):
+                hw_mod.PDL = on
+                outs[on] = (whole_pdl(), tri.centroid_selection(q, cent, logn, scale, offs, thr, n)[2][1])
+            ab["pdl_outputs_equal"] = bool(torch.equal(outs[False][0], outs[True][0])
+                                           and torch.equal(outs[False][1], outs[True][1]))
+            for rep in range(2):
+                for on in (False, True):
+                    hw_mod.PDL = on
+                    tag = f"pdl {'on' if on else 'off'} #{rep}"
+                    ab[f"whole path {tag}"] = bench(whole_pdl, graph=True)
+                    ab[f"lookup+select+list {tag}"] = bench(
+                        lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n), graph=True)
+                    ab[f"attention {tag}"] = bench(lambda: tri.squeezed_attention(
+                        q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl), graph=True)
+        finally:
+            hw_mod.PDL = saved
+        rec["pdl_ab"] = ab
+        log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     if args.profile and mode == "decode" and DEV == "cuda":
         def whole_default():
             _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
@@ -480,6 +511,8 @@ def main():
     ap.add_argument("--decode-ab", action="store_true",
                     help="decode: work-list expansion in the scores pass or its own launch, A/B in one process")
     ap.add_argument("--profile", action="store_true", help="decode: device time of each kernel of the path")
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="decode: programmatic dependent launch off / on, A/B in one process (alternated twice)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],
                     help="FlexAttention compiles once per shape (tens of seconds): only these N")
@@ -507,6 +540,8 @@ def main():
                 shapes=dict(heads=H, kv_heads=KVH, head_dim=D, dtype=str(DTYPE), window=WINDOW, dynamic=DYN,
                             clusters=CLUSTER_FRAC, l1_clusters=L1_FRAC, kept=KEEP_FRAC, l1_keep=args.l1_keep))
     meta["copy_tbps"] = copy_bandwidth()
+    from sqz_kernels.hardware import use_pdl
+    meta["pdl"] = bool(use_pdl(torch.device(DEV)))
     log(f"{meta}")
     flex_fn = None
     if not args.no_flex:

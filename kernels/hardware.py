@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -24,3 +25,50 @@ def num_sms(device: torch.device) -> int:
 
 def is_interpreter(device: torch.device) -> bool:
     return device.type != "cuda"
+
+
+# Programmatic dependent launch (Hopper+) in the decode chain (stats -> scores/selection/list -> attention ->
+# combine): each kernel after the first is launched with ``launch_pdl=True`` and waits (``gdc_wait``) before
+# it reads anything the kernel before it wrote, so its launch and set-up overlap the previous kernel's tail,
+# in CUDA graphs too. Never under the interpreter (CPU tensors) or before compute capability 9, and only
+# where the installed Triton has the launch option and the gdc calls. SQZ_NO_PDL=1 turns it off (A/B
+# timings: the benchmark's --pdl-ab flips ``PDL``).
+PDL = os.environ.get("SQZ_NO_PDL") != "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        import triton.language as tl
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+        return (hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+                and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
+    except Exception:
+        return False
+
+
+def use_pdl(device: torch.device) -> bool:
+    """True where the decode chain launches its dependent kernels with programmatic dependent launch."""
+    if not PDL or device.type != "cuda":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Where it is used: decode with at most 8 (batch row, KV head) rows and a corpus of at most 160K keys (the
+# lookup: 8192 clusters). Measured on the H200 (whole decode path, CUDA graph, off -> on, ms, two alternated
+# runs; kernels_notes.md 2026-11-29 08:45): batch 1 32K 0.0276 / 0.0276 -> 0.0256 / 0.0257, 128K 0.0476 /
+# 0.0472 -> 0.0451 / 0.0452 (faster); batch 1 512K 0.1026 / 0.1020 -> 0.1032 / 0.1029, batch 8 32K 0.0644 /
+# 0.0648 -> 0.0682 / 0.0684, 128K 0.1578 / 0.1575 -> 0.1587 / 0.1588 (slower), 512K batch 8 equal.
+PDL_MAX_ROWS = 8
+PDL_MAX_KEYS = 163840
+PDL_MAX_CLUSTERS = 8192
+
+
+def pdl_launch(on: bool) -> dict:
+    """Launch keyword arguments: ``launch_pdl=True`` when on, nothing at all otherwise (the interpreter
+    never sees the option)."""
+    return {"launch_pdl": True} if on else {}

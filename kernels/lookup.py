@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import num_sms
+from .hardware import PDL_MAX_CLUSTERS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
 from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
 
 LOG2E = 1.4426950408889634
@@ -74,7 +74,10 @@ def _stats_kernel(
     logit_scale, n_flags,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the scores pass (launched with PDL) may be scheduled now; it waits for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -149,8 +152,10 @@ def _scores_kernel(
     stride_coff, log_threshold, idx_cap,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr,
-    EXPAND: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
+    EXPAND: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = row // KVH
@@ -173,6 +178,10 @@ def _scores_kernel(
     if not FROM_LOGITS:
         cent = tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
                        mask=jm[:, None], other=0.0)
+    if PDL:
+        # everything above reads only the corpus tensors, which were final before the stats pass started
+        # (a plain launch); the partials, logits and look-back flags below are the stats pass's output
+        tl.extra.cuda.gdc_wait()
 
     col_max = tl.full([BLOCK_C], float("-inf"), tl.float32)
     col_sum = tl.zeros([BLOCK_C], tl.float32)
@@ -310,7 +319,7 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
-           scale, excl=None, lst=None, lcum=None, flags=None):
+           scale, excl=None, lst=None, lcum=None, flags=None, pdl=False):
     n_cent = cent.shape[1]
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
@@ -327,7 +336,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         scale * LOG2E, flags.shape[-1] if flags is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
-        ZERO_FLAGS=flags is not None,
+        ZERO_FLAGS=flags is not None, PDL=pdl,
         num_warps=rq.warps, num_stages=rq.stages,
     )
 
@@ -342,7 +351,7 @@ def _scores_block_c(rq: _Rows) -> int:
 
 
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
-            select=None):
+            select=None, pdl=False):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
     log_threshold, worklist)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
@@ -377,8 +386,8 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None,
-        EXPAND=wl is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
-        num_warps=warps, num_stages=rq.stages,
+        EXPAND=wl is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS, PDL=pdl,
+        num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
 
 
@@ -414,8 +423,12 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     logits = (torch.empty(rq.b * rq.kvh, rq.rows, n_cent, dtype=torch.float32, device=rq.q.device)
               if rq.decode else None)
     flags = select[1] if select is not None and select[4] is not None else None
-    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags)
-    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select)
+    # decode: the scores pass is launched with PDL (nothing is launched between the two passes), where that
+    # measured faster (hardware.PDL_MAX_*)
+    pdl = (rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and n_cent <= PDL_MAX_CLUSTERS
+           and use_pdl(rq.q.device))
+    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl)
+    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl)
 
 
 def centroid_selection(

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import num_sms
+from .hardware import PDL_MAX_KEYS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
 from .worklist import build_worklist
 
 LOG2E = 1.4426950408889634
@@ -75,7 +75,10 @@ def _attn_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SPARSE: tl.constexpr, HAS_DYN: tl.constexpr, FINAL: tl.constexpr, WRITE_LSE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched with PDL (decode): let the combine launch; wait below before the first load
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -89,6 +92,10 @@ def _attn_kernel(
     d = tl.arange(0, HEAD_DIM)
     q_ptr = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh \
         + t[:, None].to(tl.int64) * stride_qt + d[None, :]
+    if PDL:
+        # every load waits for the kernel before (the work list's, or whatever the caller launched last):
+        # only the launch and the index arithmetic above overlap its tail
+        tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -156,7 +163,7 @@ def _combine_kernel(
     O_PART, L_PART, O, LSE,
     stride_ob, stride_oh, stride_ot,
     KVH, G, T, ROWS, n_split_total,
-    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WRITE_LSE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Exact merge of the splits of one query row by their log-sum-exp (flash-decoding's reduce).
 
@@ -168,6 +175,8 @@ def _combine_kernel(
     r = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
     sc = tl.arange(0, SPLIT_CHUNK)
+    if PDL:  # launched with PDL after the attention: its partials are read below
+        tl.extra.cuda.gdc_wait()
     m = tl.full([1], float("-inf"), tl.float32)
     w_sum = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
@@ -262,6 +271,10 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
             n_split_c = 1
     n_split_total = n_split_c  # the dynamic keys are shared out over the same splits
     final = n_split_total == 1
+    # decode (split keys): the attention and the combine are launched with programmatic dependent launch
+    # (where that measured faster: hardware.PDL_MAX_*)
+    pdl = (decode and not final and b * kvh <= PDL_MAX_ROWS and corpus is not None
+           and corpus[0].shape[1] <= PDL_MAX_KEYS and use_pdl(dev))
 
     out = torch.empty(b, h, t, d, dtype=out_dtype, device=dev)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=dev) if write_lse else out
@@ -300,8 +313,8 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         kvh, g, t, rows, n_split_c, n_split_total,
         scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, FINAL=final, WRITE_LSE=write_lse,
-        num_warps=warps, num_stages=stages,
+        HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, FINAL=final, WRITE_LSE=write_lse, PDL=pdl,
+        num_warps=warps, num_stages=stages, **pdl_launch(pdl),
     )
     if not final:
         _combine_kernel[(b * kvh, rows)](
@@ -309,7 +322,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
             out.stride(0), out.stride(1), out.stride(2),
             kvh, g, t, rows, n_split_total,
             HEAD_DIM=d, SPLIT_CHUNK=min(64, triton.next_power_of_2(n_split_total)), WRITE_LSE=write_lse,
-            num_warps=4,
+            PDL=pdl, num_warps=4, **pdl_launch(pdl),
         )
     return (out, lse) if write_lse else out
 
