@@ -391,15 +391,11 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         from sqz_kernels import lookup as lookup_mod
         ab = {}
         saved = lookup_mod._FUSE_EXPAND
-
-        def whole_ab():
-            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
-            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
         try:
             lists = {}
             for fused in (False, True):
                 lookup_mod._FUSE_EXPAND = fused
-                lists[fused] = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)[2]
+                lists[fused] = selection(False)[2]
             (i0, c0), (i1, c1) = lists[False], lists[True]
             same = torch.equal(c0, c1)
             if same:
@@ -411,9 +407,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
                 for fused in (False, True):
                     lookup_mod._FUSE_EXPAND = fused
                     tag = f"{'fused expand' if fused else 'expand launch'} #{rep}"
-                    ab[f"lookup+select+list {tag}"] = bench(
-                        lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n), graph=True)
-                    ab[f"whole path {tag}"] = bench(whole_ab, graph=True)
+                    ab[f"lookup+select+list {tag}"] = bench(lambda: selection(False), graph=True)
+                    ab[f"whole path {tag}"] = bench(ours(False), graph=True)
         finally:
             lookup_mod._FUSE_EXPAND = saved
         rec["decode_ab"] = ab
@@ -425,24 +420,20 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         from sqz_kernels import hardware as hw_mod
         ab = {"pdl_supported": hw_mod.use_pdl(q.device) if hw_mod.PDL else None}
         saved = hw_mod.PDL
-
-        def whole_pdl():
-            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
-            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
+        whole = ours(False)
         try:
             outs = {}
             for on in (False, True):
                 hw_mod.PDL = on
-                outs[on] = (whole_pdl(), tri.centroid_selection(q, cent, logn, scale, offs, thr, n)[2][1])
+                outs[on] = (whole(), selection(False)[2][1])
             ab["pdl_outputs_equal"] = bool(torch.equal(outs[False][0], outs[True][0])
                                            and torch.equal(outs[False][1], outs[True][1]))
             for rep in range(2):
                 for on in (False, True):
                     hw_mod.PDL = on
                     tag = f"pdl {'on' if on else 'off'} #{rep}"
-                    ab[f"whole path {tag}"] = bench(whole_pdl, graph=True)
-                    ab[f"lookup+select+list {tag}"] = bench(
-                        lambda: tri.centroid_selection(q, cent, logn, scale, offs, thr, n), graph=True)
+                    ab[f"whole path {tag}"] = bench(whole, graph=True)
+                    ab[f"lookup+select+list {tag}"] = bench(lambda: selection(False), graph=True)
                     ab[f"attention {tag}"] = bench(lambda: tri.squeezed_attention(
                         q, keys, values, offs, sel_flat, dk, dv, scale, worklist=wl), graph=True)
         finally:
@@ -451,10 +442,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     if args.profile and mode == "decode" and DEV == "cuda":
-        def whole_default():
-            _, sel_, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
-            return tri.squeezed_attention(q, keys, values, offs, sel_, dk, dv, scale, worklist=wl_)
-        rec["kernel_profile_us"] = profile_kernels(whole_default, log, f"N={n} batch={batch}")
+        rec["kernel_profile_us"] = profile_kernels(ours(False), log, f"N={n} batch={batch}")
 
     # dense baselines over corpus + dynamic keys, a copy per row as a dense cache holds it
     kf = torch.cat([keys.unsqueeze(0).expand(batch, -1, -1, -1), dk], 2).contiguous()
