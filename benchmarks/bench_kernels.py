@@ -253,11 +253,12 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         want = ref.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
         rec["max_abs_err_vs_twin"] = float((got - want).abs().max())
 
-    def selection(hier: bool):
+    def selection(hier: bool, q_=None):
         """lookup + threshold selection + work list, fused (centroid_selection: 3 launches, flat)"""
+        q_ = q if q_ is None else q_
         if hier:
-            return tri.hierarchical_centroid_selection(q, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n)
-        return tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+            return tri.hierarchical_centroid_selection(q_, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n)
+        return tri.centroid_selection(q_, cent, logn, scale, offs, thr, n)
 
     def ours(hier: bool):
         def fn():
@@ -441,6 +442,9 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         rec["pdl_ab"] = ab
         log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    if args.prefill_ab and mode == "prefill":
+        rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
+                                       tag=f"N={n}")
     if args.profile and mode == "decode" and DEV == "cuda":
         rec["kernel_profile_us"] = profile_kernels(ours(False), log, f"N={n} batch={batch}")
 
@@ -487,6 +491,43 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     return rec
 
 
+def prefill_ab(q, keys, values, offs, sel, wl, dk, dv, scale, ours, selection, log, tag: str) -> dict:
+    """Prefill: the compacted attention (prefill_attention: copy the selected keys, read tiles by tensor
+    descriptor) against the gathering kernel, A/B in one process (alternated twice), its tile sweep, the
+    copy alone, and the difference of the two outputs."""
+    from sqz_kernels.prefill_attention import compact_selected
+
+    def attn(cfg):
+        return lambda: tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl, config=cfg)
+
+    gather, compact = AttentionConfig(compact=False), AttentionConfig(compact=True)
+    ab = {"max_abs_diff_compact_vs_gather": float((attn(compact)().float() - attn(gather)().float()).abs().max())}
+    for rep in range(2):
+        for name, cfg in (("gather", gather), ("compact", compact)):
+            ab[f"attention {name} #{rep}"] = bench(attn(cfg), graph=True)
+    ab["compaction alone"] = bench(lambda: compact_selected(keys, values, offs, wl[0], wl[1], q.shape[0], 128),
+                                   graph=True)
+    for bm, bn, w, st in ((128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3),
+                          (64, 64, 4, 3), (128, 32, 4, 4)):
+        cfg = AttentionConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st, compact=True)
+        key = f"compact {bm}x{bn}/{w}w/{st}s"
+        try:
+            ab[key] = bench(attn(cfg), graph=True)
+        except Exception as exc:  # a config the compiler refuses (shared memory) is recorded, not fatal
+            ab[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    ab["whole path flat (default)"] = bench(ours(False), graph=True)
+    ab["whole path hier (default)"] = bench(ours(True), graph=True)
+    # the lookup on a strided sample of the question's tokens: time only (these random queries say nothing
+    # about the recall a real model's queries would have)
+    for stride in (2, 4):
+        qs = q[:, :, stride - 1::stride]
+        ab[f"lookup+select+list flat, every {stride}th token"] = bench(lambda: selection(False, qs), graph=True)
+        ab[f"lookup+select+list hier, every {stride}th token"] = bench(lambda: selection(True, qs), graph=True)
+    log(f"  prefill A/B {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in ab.items()))
+    return ab
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[32768, 131072, 524288])
@@ -501,6 +542,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="decode: device time of each kernel of the path")
     ap.add_argument("--pdl-ab", action="store_true",
                     help="decode: programmatic dependent launch off / on, A/B in one process (alternated twice)")
+    ap.add_argument("--prefill-ab", action="store_true",
+                    help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-sizes", type=int, nargs="+", default=[131072, 524288],
                     help="FlexAttention compiles once per shape (tens of seconds): only these N")

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_CLUSTERS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
+from .tiles import _row_tile
 from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
 
 LOG2E = 1.4426950408889634
@@ -87,14 +88,10 @@ def _stats_kernel(
         fl = tl.arange(0, 128)
         for f0 in range(0, tl.where((pid_m == 0) & (pid_s == 0), n_flags, 0), 128):
             tl.store(FLAGS + row * n_flags + f0 + fl, tl.zeros([128], tl.int32), mask=f0 + fl < n_flags)
-    b = row // KVH
-    kvh = row % KVH
+    b, kvh, rmask, t, h = _row_tile(pid_m, row, KVH, G, T, ROWS, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < ROWS
-    g = rows // T
-    t = rows % T
     d = tl.arange(0, HEAD_DIM)
-    q_ptr = Q + b.to(tl.int64) * stride_qb + (kvh * G + g)[:, None].to(tl.int64) * stride_qh \
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh \
         + t[:, None].to(tl.int64) * stride_qt + d[None, :]
     q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
 

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_KEYS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
+from .prefill_attention import compact_available, prefill_attention
+from .tiles import LOG2E, _causal_tiles, _online_tile, _row_tile, _work_keys
 from .worklist import build_worklist
-
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -39,28 +39,9 @@ class AttentionConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     num_splits: int | None = None  # corpus key splits per (row, KV head, row tile)
-
-
-@triton.jit
-def _work_keys(idx_base, j, hi, n_sel, n_clu):
-    """Corpus key index of work slots ``j``: the listed selected keys, then the always-attended tail."""
-    in_list = j < n_sel
-    kid = tl.load(idx_base + j, mask=(j < hi) & in_list, other=0)
-    return tl.where(in_list, kid, n_clu + (j - n_sel)).to(tl.int64)
-
-
-@triton.jit
-def _online_tile(q, k, v, valid, m_i, l_i, acc, qk_scale):
-    """One key tile of the online softmax (log2 space): ``valid`` (BLOCK_M, BLOCK_N) masks the logits."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    # prefill: copy the selected keys into contiguous rows first and read them by tensor descriptor
+    # (:mod:`.prefill_attention`); None = where TMA exists (Hopper+), for prefill only
+    compact: bool | None = None
 
 
 @triton.jit
@@ -82,13 +63,8 @@ def _attn_kernel(
     row = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
-    b = row // KVH
-    kvh = row % KVH
+    b, kvh, rmask, t, h = _row_tile(pid_m, row, KVH, G, T, ROWS, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < ROWS
-    g = rows // T
-    t = rows % T
-    h = kvh * G + g
     d = tl.arange(0, HEAD_DIM)
     q_ptr = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh \
         + t[:, None].to(tl.int64) * stride_qt + d[None, :]
@@ -109,22 +85,13 @@ def _attn_kernel(
         n_clu = tl.load(OFFS + kvh * stride_off + n_clusters).to(tl.int32)
 
     if HAS_DYN:
-        qd = q.to(DK.dtype.element_ty)
-        pos = m_dyn - T + t  # the query's position among the dynamic keys
-        t_max = tl.max(tl.where(rmask, t, 0), 0)
-        hi_d = m_dyn - T + t_max + 1  # causal: no later key is seen by this row tile
-        dk_base = DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-        dv_base = DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
         # the dynamic key tiles are dealt round-robin over the splits, starting with the last split (the
         # shortest corpus share): one extra program that read all 1024 dynamic keys alone was the critical
         # path of decode at 128K (its 8 tiles against ~3 corpus tiles per split)
-        for start in range((n_split_total - 1 - pid_s) * BLOCK_N, hi_d, n_split_total * BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nm = n < m_dyn
-            k = tl.load(dk_base + n[:, None].to(tl.int64) * stride_dkn + d[None, :], mask=nm[:, None], other=0.0)
-            v = tl.load(dv_base + n[:, None].to(tl.int64) * stride_dvn + d[None, :], mask=nm[:, None], other=0.0)
-            m_i, l_i, acc = _online_tile(qd, k, v, nm[None, :] & (n[None, :] <= pos[:, None]), m_i, l_i, acc,
-                                         qk_scale)
+        m_i, l_i, acc = _causal_tiles(q.to(DK.dtype.element_ty), DK, DV, b, kvh, stride_dkb, stride_dkh, stride_dkn,
+                                      stride_dvb, stride_dvh, stride_dvn, m_dyn, T, t, rmask,
+                                      (n_split_total - 1 - pid_s) * BLOCK_N, n_split_total * BLOCK_N,
+                                      m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N)
 
     if HAS_SPARSE:
         q = q.to(K.dtype.element_ty)
@@ -245,6 +212,12 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # prefill: 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
     # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
     decode = rows <= 16
+    compact = cfg.compact if cfg.compact is not None else (not decode and compact_available(dev))
+    if compact and corpus is not None:
+        # Hopper (H200, bf16, d=128): 128 x 128 tiles, 8 warps, 3 stages (see prefill_attention)
+        return prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse,
+                                 cfg.block_m or (128 if on_gpu else 32), cfg.block_n or (128 if on_gpu else 32),
+                                 cfg.num_warps or (8 if on_gpu else 4), cfg.num_stages or (3 if on_gpu else 1))
     sms = num_sms(dev)
     block_m = cfg.block_m or (16 if decode else (64 if on_gpu else 32))
     block_n = cfg.block_n or ((128 if decode else 64) if on_gpu else 32)

@@ -77,6 +77,19 @@ _case("squeezed-prefill", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=
       dtype="float16")
 _case("squeezed-keepall-dense", kind="squeezed", b=1, kvh=1, g=4, t=5, d=64, c=13, n=139, tail=3, m=9,
       dtype="float32", keep="all")
+# prefill through the compacted copy + tensor descriptors (prefill_attention; the GPU default on Hopper),
+# forced on here: odd lengths (partial last tiles), keep-all == dense, empty and one-key selections, batch 2
+for _dt in ("float32", "float16"):
+    _case(f"squeezed-prefill-compact-{_dt}", kind="squeezed", b=2, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4,
+          m=23, dtype=_dt, compact=True)
+_case("squeezed-compact-keepall-dense", kind="squeezed", b=1, kvh=1, g=4, t=5, d=64, c=13, n=139, tail=3, m=9,
+      dtype="float32", keep="all", compact=True)
+_case("sparse-compact-d128", kind="sparse", b=1, kvh=2, g=3, t=13, d=128, c=17, n=211, tail=7, dtype="float16",
+      compact=True)
+_case("sparse-compact-empty", kind="sparse", b=2, kvh=1, g=4, t=3, d=64, c=11, n=97, tail=0, dtype="float16",
+      keep="none", compact=True)
+_case("sparse-compact-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, n=65, tail=0, dtype="float32",
+      keep="one", compact=True)
 
 # Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), 5% clusters: GPU only.
 GPU_CASES: dict[str, dict] = {
@@ -93,6 +106,11 @@ GPU_CASES: dict[str, dict] = {
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
     "real-squeezed-prefill": dict(kind="squeezed", b=1, kvh=8, g=4, t=256, d=128, c=1638, n=32768, tail=100,
                                   m=256),
+    # the gathering kernel, which prefill takes where there is no TMA
+    "real-squeezed-prefill-gather": dict(kind="squeezed", b=1, kvh=8, g=4, t=256, d=128, c=1638, n=32768,
+                                         tail=100, m=256, compact=False),
+    "real-sparse-prefill-compact-b2": dict(kind="sparse", b=2, kvh=8, g=4, t=200, d=128, c=1638, n=32768,
+                                           tail=100),
 }
 
 
@@ -349,7 +367,7 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
     h = kvh * g
     scale = d ** -0.5
     q = _queries(b, h, t, d, dtype, device, gen)
-    cfg = tri.AttentionConfig(num_splits=p["splits"]) if p.get("splits") else None
+    cfg = tri.AttentionConfig(num_splits=p.get("splits"), compact=p.get("compact"))
     if kind == "causal":
         m = p["m"]
         dk = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
