@@ -445,6 +445,9 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
+    if args.launch_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
+        rec["launch_ab"] = launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log,
+                                     tag=f"N={n} batch={batch}")
     if args.profile and mode == "decode" and DEV == "cuda":
         rec["kernel_profile_us"] = profile_kernels(ours(False), log, f"N={n} batch={batch}")
 
@@ -489,6 +492,30 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     if "flex" in t_:
         rec["speedup_vs_flex"] = t_["flex"] / min(t_["ours_flat"], t_["ours_hier"])
     return rec
+
+
+def launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag: str) -> dict:
+    """Decode, A/B in one process (alternated twice): programmatic dependent launch as the code takes it
+    (sqz_kernels.hardware), also for the attention past PDL_MAX_KEYS, and off everywhere."""
+    from sqz_kernels import hardware as hw_mod
+    from sqz_kernels import sparse_attention as sa_mod
+
+    def whole():
+        _, sel, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
+        return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
+
+    saved = (hw_mod.PDL, sa_mod.PDL_MAX_KEYS)
+    variants = {"default": saved, "attention pdl at any size": (True, 1 << 30), "pdl off": (False, saved[1])}
+    ab = {}
+    try:
+        for rep in range(2):
+            for name, (on, max_keys) in variants.items():
+                hw_mod.PDL, sa_mod.PDL_MAX_KEYS = on, max_keys
+                ab[f"whole {name} #{rep}"] = bench(whole, graph=True)
+    finally:
+        hw_mod.PDL, sa_mod.PDL_MAX_KEYS = saved
+    log(f"  launch A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
+    return ab
 
 
 def prefill_ab(q, keys, values, offs, sel, wl, dk, dv, scale, ours, selection, log, tag: str) -> dict:
@@ -542,6 +569,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="decode: device time of each kernel of the path")
     ap.add_argument("--pdl-ab", action="store_true",
                     help="decode: programmatic dependent launch off / on, A/B in one process (alternated twice)")
+    ap.add_argument("--launch-ab", action="store_true",
+                    help="decode (N >= 128K): programmatic dependent launch as kept / attention too / off, A/B")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")
     ap.add_argument("--no-flex", action="store_true")

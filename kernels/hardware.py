@@ -58,14 +58,17 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Where it is used: decode with at most 8 (batch row, KV head) rows and a corpus of at most 160K keys (the
-# lookup: 8192 clusters). Measured on the H200 (whole decode path, CUDA graph, off -> on, ms, two alternated
-# runs; kernels_notes.md 2026-11-29 08:45): batch 1 32K 0.0276 / 0.0276 -> 0.0256 / 0.0257, 128K 0.0476 /
-# 0.0472 -> 0.0451 / 0.0452 (faster); batch 1 512K 0.1026 / 0.1020 -> 0.1032 / 0.1029, batch 8 32K 0.0644 /
-# 0.0648 -> 0.0682 / 0.0684, 128K 0.1578 / 0.1575 -> 0.1587 / 0.1588 (slower), 512K batch 8 equal.
+# Where it is used: decode with at most 8 (batch row, KV head) rows. Measured on the H200 (whole decode path,
+# CUDA graph, off -> on, ms, two alternated runs; kernels_notes.md 2026-11-29 08:45): batch 1 32K 0.0276 /
+# 0.0276 -> 0.0256 / 0.0257, 128K 0.0476 / 0.0472 -> 0.0451 / 0.0452 (faster); batch 1 512K 0.1026 / 0.1020
+# -> 0.1032 / 0.1029, batch 8 32K 0.0644 / 0.0648 -> 0.0682 / 0.0684, 128K 0.1578 / 0.1575 -> 0.1587 / 0.1588
+# (slower), 512K batch 8 equal. Past 160K keys the attention is launched plainly: launched with PDL there its
+# early programs (128 KB of shared memory each) slowed the lookup's scores pass still running; the lookup's
+# two passes and the split merge keep PDL at any size (512K batch 1, 10:10-10:13: lookup with PDL 0.1011 /
+# 0.1011 / 0.1007 / 0.1005 against 0.1022 / 0.1026 / 0.1022 / 0.1022 without; the merge without PDL 0.1028 /
+# 0.1026). Letting the lookup's dependents launch only at each program's end was no better (0.1021 / 0.1020).
 PDL_MAX_ROWS = 8
 PDL_MAX_KEYS = 163840
-PDL_MAX_CLUSTERS = 8192
 
 
 def pdl_launch(on: bool) -> dict:

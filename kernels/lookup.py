@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import PDL_MAX_CLUSTERS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
+from .hardware import PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
 from .tiles import _row_tile
 from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
 
@@ -420,10 +420,9 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     logits = (torch.empty(rq.b * rq.kvh, rq.rows, n_cent, dtype=torch.float32, device=rq.q.device)
               if rq.decode else None)
     flags = select[1] if select is not None and select[4] is not None else None
-    # decode: the scores pass is launched with PDL (nothing is launched between the two passes), where that
-    # measured faster (hardware.PDL_MAX_*)
-    pdl = (rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and n_cent <= PDL_MAX_CLUSTERS
-           and use_pdl(rq.q.device))
+    # decode with few rows: the scores pass is launched with PDL (nothing is launched between the two passes),
+    # at any cluster count (measurements in hardware.py)
+    pdl = rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and use_pdl(rq.q.device)
     _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl)
     _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl)
 

@@ -56,9 +56,9 @@ def _attn_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SPARSE: tl.constexpr, HAS_DYN: tl.constexpr, FINAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
-    if PDL:  # launched with PDL (decode): let the combine launch; wait below before the first load
+    if PDL_TRIGGER:  # the combine is launched with PDL: let it launch now (it waits for this grid's end)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -244,10 +244,11 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
             n_split_c = 1
     n_split_total = n_split_c  # the dynamic keys are shared out over the same splits
     final = n_split_total == 1
-    # decode (split keys): the attention and the combine are launched with programmatic dependent launch
-    # (where that measured faster: hardware.PDL_MAX_*)
-    pdl = (decode and not final and b * kvh <= PDL_MAX_ROWS and corpus is not None
-           and corpus[0].shape[1] <= PDL_MAX_KEYS and use_pdl(dev))
+    # decode (split keys) with few rows: the combine is launched with programmatic dependent launch at any
+    # corpus size, the attention only up to PDL_MAX_KEYS (beyond, its early programs slowed the lookup's
+    # scores pass still running; measurements in hardware.py)
+    pdl_combine = decode and not final and b * kvh <= PDL_MAX_ROWS and corpus is not None and use_pdl(dev)
+    pdl = pdl_combine and corpus[0].shape[1] <= PDL_MAX_KEYS
 
     out = torch.empty(b, h, t, d, dtype=out_dtype, device=dev)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=dev) if write_lse else out
@@ -287,7 +288,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, FINAL=final, WRITE_LSE=write_lse, PDL=pdl,
-        num_warps=warps, num_stages=stages, **pdl_launch(pdl),
+        PDL_TRIGGER=pdl_combine, num_warps=warps, num_stages=stages, **pdl_launch(pdl),
     )
     if not final:
         _combine_kernel[(b * kvh, rows)](
@@ -295,7 +296,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
             out.stride(0), out.stride(1), out.stride(2),
             kvh, g, t, rows, n_split_total,
             HEAD_DIM=d, SPLIT_CHUNK=min(64, triton.next_power_of_2(n_split_total)), WRITE_LSE=write_lse,
-            PDL=pdl, num_warps=4, **pdl_launch(pdl),
+            PDL=pdl_combine, num_warps=4, **pdl_launch(pdl_combine),
         )
     return (out, lse) if write_lse else out
 
