@@ -442,6 +442,9 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         rec["pdl_ab"] = ab
         log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
+        rec["lookup_ab"] = lookup_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log,
+                                     tag=f"N={n} batch={batch}")
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
@@ -518,6 +521,30 @@ def launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag
     return ab
 
 
+def lookup_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag: str) -> dict:
+    """Decode: lookup tiles of the fused selection (scores block / warps, stats stages / splits) on the whole
+    path, A/B in one process (alternated twice)."""
+    def whole(lc):
+        def fn():
+            _, sel, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc)
+            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
+        return fn
+
+    variants = {
+        "default": None,
+        "scores 512 / 8 warps": LookupConfig(scores_block_c=512, scores_warps=8),
+        "stats 3 stages / 33 splits": LookupConfig(num_stages=3, num_splits=33),
+        "both": LookupConfig(scores_block_c=512, scores_warps=8, num_stages=3, num_splits=33),
+        "both, 48 splits": LookupConfig(scores_block_c=512, scores_warps=8, num_stages=3, num_splits=48),
+    }
+    ab = {}
+    for rep in range(2):
+        for name, lc in variants.items():
+            ab[f"whole {name} #{rep}"] = bench(whole(lc), graph=True)
+    log(f"  lookup A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
+    return ab
+
+
 def prefill_ab(q, keys, values, offs, sel, wl, dk, dv, scale, ours, selection, log, tag: str) -> dict:
     """Prefill: the compacted attention (prefill_attention: copy the selected keys, read tiles by tensor
     descriptor) against the gathering kernel, A/B in one process (alternated twice), its tile sweep, the
@@ -571,6 +598,7 @@ def main():
                     help="decode: programmatic dependent launch off / on, A/B in one process (alternated twice)")
     ap.add_argument("--launch-ab", action="store_true",
                     help="decode (N >= 128K): programmatic dependent launch as kept / attention too / off, A/B")
+    ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")
     ap.add_argument("--no-flex", action="store_true")

@@ -307,6 +307,17 @@ class _Rows:
         want = triton.cdiv(4 * num_sms(self.q.device), programs)
         return max(1, min(want, triton.cdiv(max(n_cent, 1), self.block_c)))
 
+    def flat_stats_launch(self, n_cent: int) -> tuple[int, int]:
+        """``(splits, stages)`` of the flat lookup's stats pass. Decode with at most 8 rows over more than
+        16K clusters: 2 programs per SM with 3 stages (each program streams ~6 centroid tiles). Whole decode
+        path at 512K batch 1 on the H200 (ms, alternated twice): 0.0995 / 0.0993 against 0.1005 / 0.1007 for
+        4 programs per SM with 2 stages; at batch 8 it was slower (0.547 against 0.537), at 128K batch 1
+        (6.5K clusters) 0.0446 against 0.0451, too close to keep a rule for (kernels_notes.md, run 25)."""
+        if (self.decode and self.b * self.kvh * self.m_tiles <= 8 and n_cent > 16384
+                and self.cfg.num_splits is None and self.cfg.num_stages is None):
+            return max(1, min(triton.cdiv(2 * num_sms(self.q.device), self.b * self.kvh), n_cent // self.block_c)), 3
+        return self.splits(n_cent), self.stages
+
 
 def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads: int, head_dim: int):
     if centroids.dim() != 3 or centroids.shape[0] != kv_heads or centroids.shape[2] != head_dim:
@@ -316,7 +327,7 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
-           scale, excl=None, lst=None, lcum=None, flags=None, pdl=False):
+           scale, excl=None, lst=None, lcum=None, flags=None, pdl=False, stages=None):
     n_cent = cent.shape[1]
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
@@ -334,7 +345,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
         ZERO_FLAGS=flags is not None, PDL=pdl,
-        num_warps=rq.warps, num_stages=rq.stages,
+        num_warps=rq.warps, num_stages=stages or rq.stages,
     )
 
 
@@ -414,7 +425,7 @@ def centroid_scores(
 
 def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     n_cent = cent.shape[1]
-    ns = rq.splits(n_cent)
+    ns, stages = rq.flat_stats_launch(n_cent)
     m_buf = torch.empty(rq.b * rq.kvh, ns, rq.rows, dtype=torch.float32, device=rq.q.device)
     l_buf = torch.empty_like(m_buf)
     logits = (torch.empty(rq.b * rq.kvh, rq.rows, n_cent, dtype=torch.float32, device=rq.q.device)
@@ -423,7 +434,7 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     # decode with few rows: the scores pass is launched with PDL (nothing is launched between the two passes),
     # at any cluster count (measurements in hardware.py)
     pdl = rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and use_pdl(rq.q.device)
-    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl)
+    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl, stages=stages)
     _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl)
 
 

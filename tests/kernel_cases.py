@@ -41,6 +41,8 @@ for _dt in ("float32", "float16"):
     _case(f"lookup-prefill-{_dt}", kind="lookup", b=1, kvh=2, g=3, t=23, d=64, c=45, dtype=_dt)
 _case("lookup-d128-centroids16", kind="lookup", b=1, kvh=1, g=4, t=2, d=128, c=70, dtype="float16",
       cent_dtype="float16")
+# decode over more than 16K clusters: the stats pass with 3 stages and 2 programs per SM (lookup.flat_stats_launch)
+_case("lookup-decode-many-clusters", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500, dtype="float32")
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
 _case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
 _case("selection-decode", kind="selection", b=2, kvh=2, g=4, t=1, d=64, c=150, n=1201, tail=5, m=20,
