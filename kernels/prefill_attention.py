@@ -43,12 +43,27 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def compact_available(device: torch.device) -> bool:
-    """True where prefill takes this path by default: CUDA with TMA (compute capability >= 9) and a Triton
-    with tensor descriptors. Elsewhere the gathering kernel is the default (tests force this path on CPU)."""
-    if TensorDescriptor is None or device.type != "cuda":
+def compact_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """True where prefill takes this path by default: CUDA with TMA (compute capability >= 9), a Triton with
+    tensor descriptors, and the measured case (16-bit K/V, head_dim <= 128: see :func:`prefill_tiles`).
+    Elsewhere the gathering kernel is the default (tests force this path on the CPU interpreter)."""
+    if TensorDescriptor is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return _hopper(device.index if device.index is not None else torch.cuda.current_device())
+    return head_dim <= 128 and _hopper(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prefill_tiles(dtype: torch.dtype, head_dim: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """``(block_m, block_n, warps, stages)``. 16-bit K/V with head_dim <= 128 on the H200 (bf16, d=128,
+    attention alone at 512K, ms): 128 x 128 / 8 warps / 3 stages 1.70, 128 x 64 / 8 / 3 1.86-1.89, 64 x 64 /
+    4 / 3 2.00, 128 x 128 / 8 / 2 2.07-2.10, 128 x 64 / 4 / 3 2.05-2.08, 64 x 128 / 4 / 3 2.08-2.10; 4 stages
+    of 128 x 128 need 296 KB of shared memory. Larger rows (float32, head_dim 256; not measured) take tiles
+    whose K/V stages fit in shared memory: 64 x 64 (32 keys past 256 bytes per row), 2 stages."""
+    if not on_gpu:
+        return 32, 32, 4, 1
+    row_bytes = head_dim * torch.finfo(dtype).bits // 8
+    if row_bytes <= 256:
+        return (128, 128, 8, 3) if torch.finfo(dtype).bits == 16 else (64, 64, 4, 2)
+    return 64, 32, 4, 2
 
 
 @triton.jit
@@ -171,6 +186,8 @@ def prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse, block_m, bloc
     kvh = keys.shape[0]
     g = h // kvh
     rows = g * t
+    if _COPY_ROWS % block_n:  # the zero padding to the tile edge must stay inside the row's capacity
+        raise ValueError(f"block_n {block_n} must divide {_COPY_ROWS} for the compacted prefill attention")
     ck, cv, cap = compact_selected(keys, values, offsets, idx, cum, b, block_n)
     ck_desc = TensorDescriptor.from_tensor(ck, [block_n, d])
     cv_desc = TensorDescriptor.from_tensor(cv, [block_n, d])
@@ -193,7 +210,7 @@ def prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse, block_m, bloc
         keys.shape[1], cum.shape[-1], offsets.stride(0), cap, m_dyn,
         kvh, g, t, rows,
         scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_DTYPE=_TL_DTYPES[keys.dtype], HAS_DYN=dyn is not None, WRITE_LSE=write_lse,
-        num_warps=warps, num_stages=stages,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_DTYPE=_TL_DTYPES[keys.dtype],
+        HAS_DYN=dyn is not None, WRITE_LSE=write_lse, num_warps=warps, num_stages=stages,
     )
     return (out, lse) if write_lse else out

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_KEYS, PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
-from .prefill_attention import compact_available, prefill_attention
+from .prefill_attention import compact_available, prefill_attention, prefill_tiles
 from .tiles import LOG2E, _causal_tiles, _online_tile, _row_tile, _work_keys
 from .worklist import build_worklist
 
@@ -212,12 +212,11 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # prefill: 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
     # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
     decode = rows <= 16
-    compact = cfg.compact if cfg.compact is not None else (not decode and compact_available(dev))
-    if compact and corpus is not None:
-        # Hopper (H200, bf16, d=128): 128 x 128 tiles, 8 warps, 3 stages (see prefill_attention)
-        return prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse,
-                                 cfg.block_m or (128 if on_gpu else 32), cfg.block_n or (128 if on_gpu else 32),
-                                 cfg.num_warps or (8 if on_gpu else 4), cfg.num_stages or (3 if on_gpu else 1))
+    if corpus is not None and (cfg.compact if cfg.compact is not None
+                               else not decode and compact_available(dev, corpus[0].dtype, d)):
+        bm, bn, w, st = prefill_tiles(corpus[0].dtype, d, on_gpu)
+        return prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse, cfg.block_m or bm,
+                                 cfg.block_n or bn, cfg.num_warps or w, cfg.num_stages or st)
     sms = num_sms(dev)
     block_m = cfg.block_m or (16 if decode else (64 if on_gpu else 32))
     block_n = cfg.block_n or ((128 if decode else 64) if on_gpu else 32)
