@@ -429,8 +429,9 @@ def main(argv=None) -> int:
 
     def engine_case(case) -> None:
         if claims.take(f"engine-{case.case_id}"):
-            rows.extend(run_engine_case(engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes,
-                                        args.sparse_question))
+            worker = "rag worker" if args.rag_worker else "main"  # which process (and so which load) timed it
+            rows.extend({**r, "worker": worker} for r in run_engine_case(
+                engine, case, args.budgets, args.max_new_tokens[case.kind], hier_modes, args.sparse_question))
 
     fid_rows: list[dict] = []
 

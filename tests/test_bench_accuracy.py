@@ -99,6 +99,8 @@ def test_quick_mode_end_to_end(tmp_path):
         assert isinstance(r["correct"], bool) and r["total_time"] > 0
         if r["family"].startswith("squeezed"):
             assert 0 < r["kept_fraction"] < 1
+        if r["family"] == "full" or r["family"].startswith("squeezed"):
+            assert r["worker"] == "main"  # --quick runs serially: no RAG worker to take engine cases
     for f in result["fidelity"]:
         assert 0 <= f["top1_agreement"] <= 1 and f["mean_kl"] >= -1e-6
     assert (tmp_path / "accuracy_quick.md").read_text().startswith("# Accuracy benchmark")
