@@ -1,0 +1,227 @@
+"""End-to-end engine benchmark: answers from a squeezed corpus against cache-augmented generation (the
+corpus's full KV cache, prefilled once and reused by every question), on one GPU.
+
+The kernels benchmark (bench_kernels.py) times one attention layer; this one times what a user waits for:
+``engine.answer`` (question prefill + greedy decoding, every layer through the transformers hook, the
+lookup, the selection and the Triton kernels, Python included) against the same model answering from its
+full corpus cache with plain SDPA. Speed does not depend on the weights, so the model is a randomly
+initialised Llama with Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128, hidden 4096,
+MLP 14336) and fewer layers; the tokenizer is SmolLM2's (tests/data/smollm2_tokenizer). The corpus is
+random words. Reported per corpus size: build time (prefill + K-means + calibration + head probe) and its
+peak memory, and per system the time to first token, the time per later token and the kept fraction.
+
+Usage: ``python benchmarks/bench_engine.py [--tokens 32768 131072] [--layers 8] [--budgets 0.25 0.1]``;
+``--cpu-smoke`` runs a tiny model on the CPU (the torch twins) to check this script.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer, DynamicCache
+
+from sqz_integrations import SqueezeConfig, SqueezedEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = ROOT / "tests" / "data" / "smollm2_tokenizer"
+RESULTS = ROOT / "benchmarks" / "results"
+WORDS = ("alpha beta gamma delta river stone cloud lamp garden window paper music orange silver table chair "
+         "mountain forest ocean desert bridge tower castle village market harbor engine bottle candle mirror "
+         "winter summer autumn spring morning evening letter number circle square yellow purple").split()
+QUESTIONS = ["Which word comes right after river in the second document?",
+             "How often does the word lamp appear near the end?",
+             "What is the first word of the last document?"]
+
+
+def make_model(vocab: int, layers: int, tokens: int, device: str, dtype: torch.dtype, small: bool):
+    """A random Llama: Llama-3-8B attention and MLP widths (``small``: a tiny one for the CPU smoke run)."""
+    shape = (dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+             if small else
+             dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=128))
+    config = transformers.LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, rope_theta=500000.0,
+                                      max_position_embeddings=tokens + 4096, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialised in place: no multi-GB CPU round trip
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(saved)
+    return model.eval()
+
+
+def corpus_documents(tokens: int, seed: int = 0) -> list[str]:
+    """Random words, about one token each, in documents of ~2000 words."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(2000)) for _ in range(max(1, tokens // 2000))]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def cag_answer(model, cache, cache_arg: str, corpus_len: int, suffix: list[int], new_tokens: int, device: str):
+    """Cache-augmented generation: the question and greedy decoding over the corpus's full cache, which is
+    cropped back to the corpus afterwards. Returns (time to first token, total time, tokens)."""
+    sync(device)
+    t0 = time.perf_counter()
+    ids = torch.tensor([suffix], device=device)
+    pos = corpus_len
+    out_ids = []
+    ttft = 0.0
+    for i in range(new_tokens):
+        positions = torch.arange(pos, pos + ids.shape[1], device=device).unsqueeze(0)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                       **{cache_arg: cache}).logits
+        pos += ids.shape[1]
+        token = int(logits[0, -1].argmax())
+        if i == 0:
+            sync(device)
+            ttft = time.perf_counter() - t0
+        out_ids.append(token)
+        ids = torch.tensor([[token]], device=device)
+    sync(device)
+    total = time.perf_counter() - t0
+    extra = cache.get_seq_length() - corpus_len
+    if extra > 0:  # a negative count removes that many tokens in transformers 4.x and 5.x alike
+        cache.crop(-extra)
+    return ttft, total, out_ids
+
+
+@torch.inference_mode()
+def prefill_cache(model, cache_arg: str, ids: list[int], chunk: int, device: str) -> DynamicCache:
+    cache = DynamicCache()
+    all_ids = torch.tensor([ids], device=device)
+    for start in range(0, len(ids), chunk):
+        model(input_ids=all_ids[:, start:start + chunk], use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    return cache
+
+
+def peak_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+
+
+def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
+    rec: dict = {"tokens_requested": tokens}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    corpus = engine.add_corpus("bench", corpus_documents(tokens), progress=False, replace=True)
+    sync(device)
+    rec.update(corpus_tokens=corpus.n_tokens, build_seconds=time.perf_counter() - t0, build_peak_gb=peak_gb(device),
+               clusters_per_head=corpus.n_clusters)
+    systems: dict[str, list[dict]] = {}
+    for budget in [1.0] + args.budgets:
+        runs = []
+        for rep in range(args.repeats):
+            for q in QUESTIONS:
+                sync(device)
+                ans = engine.answer(q, corpus="bench", max_new_tokens=args.new_tokens, kv_budget=budget)
+                runs.append(dict(ttft=ans.time_to_first_token, total=ans.total_time, tokens=ans.completion_tokens,
+                                 kept=ans.kept_fraction, warm=rep > 0 or q != QUESTIONS[0], ids=ans.token_ids))
+        systems[f"squeezed@{budget:g}"] = runs
+    # cache-augmented generation with the same model (plain SDPA: no squeeze argument) and its full cache
+    corpus_ids = list(corpus.token_ids)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    cache = prefill_cache(engine.model, engine._cache_arg, corpus_ids, args.chunk, device)
+    sync(device)
+    rec["cag_prefill_seconds"] = time.perf_counter() - t0
+    runs = []
+    for rep in range(args.repeats):
+        for q in QUESTIONS:
+            suffix = engine.prompt_ids(q, "bench")[len(corpus_ids):]
+            ttft, total, out = cag_answer(engine.model, cache, engine._cache_arg, len(corpus_ids), suffix,
+                                          args.new_tokens, device)
+            runs.append(dict(ttft=ttft, total=total, tokens=len(out), kept=1.0, warm=rep > 0 or q != QUESTIONS[0],
+                             ids=out))
+    systems["cag (full KV, SDPA)"] = runs
+    # the engine at kv_budget=1.0 is exact full-KV reuse: the same greedy tokens as the CAG loop (up to the
+    # engine stopping at an end-of-turn token, which the CAG loop does not)
+    rec["full_budget_tokens_equal_cag"] = all(
+        a["ids"] == b["ids"][:len(a["ids"])] for a, b in zip(systems["squeezed@1"], runs))
+    rec["cag_peak_gb"] = peak_gb(device)
+    del cache
+    rec["systems"] = {name: summarise(r) for name, r in systems.items()}
+    return rec
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians over the warm answers (the first answer of a size compiles kernels and fills caches)."""
+    warm = [r for r in runs if r["warm"]] or runs
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    per_token = [(r["total"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in warm]
+    return dict(ttft_s=median([r["ttft"] for r in warm]), per_token_ms=1e3 * median(per_token),
+                kept_fraction=median([r["kept"] for r in warm]), answers=len(warm))
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    lines = [f"Engine benchmark, {meta['date']}, {meta['device']}, torch {meta['torch']}, transformers "
+             f"{meta['transformers']}. Random Llama ({meta['layers']} layers, {meta['shape']}), {meta['dtype']}; "
+             f"{meta['new_tokens']} new tokens per answer; medians over warm answers.", "",
+             "| corpus tokens | build s | system | time to first token s | ms per later token | kept |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        for name, s in r["systems"].items():
+            lines.append(f"| {r['corpus_tokens']} | {r['build_seconds']:.1f} | {name} | {s['ttft_s']:.3f} | "
+                         f"{s['per_token_ms']:.1f} | {s['kept_fraction']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=4096, help="corpus prefill chunk (engine and CAG)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (torch twins): checks the script")
+    args = ap.parse_args()
+    device = "cpu" if args.cpu_smoke else "cuda"
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    if args.cpu_smoke:
+        args.tokens, args.layers, args.new_tokens, args.repeats = [2048], 2, 4, 1
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    model = make_model(len(tok), args.layers, max(args.tokens), device, dtype, small=args.cpu_smoke)
+    engine = SqueezedEngine(model, tok, SqueezeConfig(sources=False, prefill_chunk=args.chunk))
+    meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                layers=args.layers, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens,
+                shape="tiny" if args.cpu_smoke else "32 q heads, 8 KV heads, d=128, hidden 4096, MLP 14336",
+                config=dict(kv_budget_default=engine.config.kv_budget, prefill_chunk=args.chunk))
+    records = []
+    for n in args.tokens:
+        rec = run_size(engine, n, args, device)
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    md = markdown(meta, records)
+    if not args.cpu_smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+        (args.out / f"engine_{stamp}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+        (args.out / f"engine_{stamp}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
