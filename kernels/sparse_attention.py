@@ -14,7 +14,8 @@ GQA group in one tile, so each key load serves the whole group), one split of th
 Decode has few rows, so the keys are split across programs (flash-decoding) and the partial results
 are merged exactly by their log-sum-exp in :func:`_combine_kernel`; the dynamic key tiles are dealt
 round-robin over the same splits. Prefill has enough row tiles to fill the GPU and writes its output
-directly.
+directly; on Hopper with 16-bit K/V it goes to :mod:`.prefill_attention` instead (the selected keys copied
+to contiguous rows and read by TMA: 512K prefill attention 2.99 -> 1.70 ms on the H200).
 """
 from __future__ import annotations
 
@@ -209,7 +210,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # 3 stages and 33-48 splits (kernels_notes.md). Triton's pipeliner (2 stages) keeps one K/V tile in
     # flight and loads the work-list indices of the next tile synchronously; 3 stages load them ahead but
     # take 139 KB of shared memory with 128-key tiles (one program per SM).
-    # prefill: 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
+    # prefill (this gathering kernel): 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
     # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
     decode = rows <= 16
     if corpus is not None and (cfg.compact if cfg.compact is not None
