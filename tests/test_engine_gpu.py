@@ -280,26 +280,28 @@ def check_budget_backends_agree(w: World, corpus: str, monkeypatch, hierarchical
     assert mismatch / total <= 0.05, mismatch / total
     assert torch.isfinite(lp_tri).all()
     assert float(tv.mean()) <= 0.5 * float(approx.mean()) + 2 * float(floor.mean()) + 0.02, (tv.mean(), approx.mean())
-    check_first_tokens(e, corpus, twin, suffix, tri.token_ids[0], ref.token_ids[0], hierarchical)
+    check_first_tokens(e, corpus, twin, suffix, tri.token_ids[0], ref.token_ids[0], hierarchical,
+                       tv_bound=0.5 * float(approx.mean()) + 2 * float(floor.mean()) + 0.02)
     assert 0.0 < tri.kept_fraction < 1.0
     assert abs(tri.kept_fraction - ref.kept_fraction) <= 0.02
 
 
-def check_first_tokens(e, corpus: str, twin: str, suffix: list[int], tri0: int, ref0: int, hierarchical: bool):
+def check_first_tokens(e, corpus: str, twin: str, suffix: list[int], tri0: int, ref0: int, hierarchical: bool,
+                       tv_bound: float) -> None:
     """The first answer token of each backend is the argmax of that backend's question read (scored again
-    through ``score_continuation``), and the two backends pick different tokens only where the twin's own
-    margin between them is within what the two backends' log-probs differ by at that step. (A strict
-    equality failed on the random bf16 model when the prefill attention changed its tile order: the
-    25% budget there moves the distribution by a TV of ~1, and rounding decides near-ties.)"""
+    through ``score_continuation``), and the two reads' next-token distributions agree within ``tv_bound``
+    (the bound the continuation rows are held to). The tokens themselves may differ: a strict equality
+    failed on the random bf16 model when the prefill attention changed its tile order (the twin's margin
+    between the two tokens 0.125 nats, the backends' log-probs 0.30 apart at that step: a rounding tie)."""
     lp_t, lp_r = (e.score_continuation(name, suffix + [tri0], per_token=False, kv_budget=BUDGET,
                                        hierarchical=hierarchical)[-1] for name in (corpus, twin))
     slack = 0.02  # the answer path computes the last row's logits alone: another GEMM, other rounding
     assert float(lp_t[tri0]) >= float(lp_t.max()) - slack, (tri0, int(lp_t.argmax()))
     assert float(lp_r[ref0]) >= float(lp_r.max()) - slack, (ref0, int(lp_r.argmax()))
-    diff = float((lp_t - lp_r).abs().max())
-    margin = float(lp_r[ref0] - lp_r[tri0])
-    _report(check="first_tokens", corpus=corpus, tri0=tri0, ref0=ref0, twin_margin=margin, backend_diff=diff)
-    assert tri0 == ref0 or margin <= 2 * diff + slack, (tri0, ref0, margin, diff)
+    tv0 = float(total_variation(lp_t, lp_r))
+    _report(check="first_tokens", corpus=corpus, tri0=tri0, ref0=ref0, tv=tv0,
+            twin_margin=float(lp_r[ref0] - lp_r[tri0]), backend_diff=float((lp_t - lp_r).abs().max()))
+    assert tv0 <= tv_bound, (tv0, tv_bound)
 
 
 def check_answer(w: World) -> None:
