@@ -41,7 +41,7 @@ class AttentionConfig:
     num_stages: int | None = None
     num_splits: int | None = None  # corpus key splits per (row, KV head, row tile)
     # prefill: copy the selected keys into contiguous rows first and read them by tensor descriptor
-    # (:mod:`.prefill_attention`); None = where TMA exists (Hopper+), for prefill only
+    # (:mod:`.prefill_attention`); None = in prefill where that is measured (Hopper+, 16-bit K/V, head_dim <= 128)
     compact: bool | None = None
 
 
@@ -210,8 +210,9 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # 3 stages and 33-48 splits (kernels_notes.md). Triton's pipeliner (2 stages) keeps one K/V tile in
     # flight and loads the work-list indices of the next tile synchronously; 3 stages load them ahead but
     # take 139 KB of shared memory with 128-key tiles (one program per SM).
-    # prefill (this gathering kernel): 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same, 2.90), against
-    # 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for 64 x 128.
+    # prefill (this gathering kernel): 64 x 64 tiles, 4 warps, 3 stages: 2.91 ms (128 x 32 / 4 warps the same,
+    # 2.90), against 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for
+    # 64 x 128.
     decode = rows <= 16
     if corpus is not None and (cfg.compact if cfg.compact is not None
                                else not decode and compact_available(dev, corpus[0].dtype, d)):
