@@ -88,6 +88,8 @@ _case("squeezed-compact-keepall-dense", kind="squeezed", b=1, kvh=1, g=4, t=5, d
       dtype="float32", keep="all", compact=True)
 _case("sparse-compact-d128", kind="sparse", b=1, kvh=2, g=3, t=13, d=128, c=17, n=211, tail=7, dtype="float16",
       compact=True)
+_case("sparse-compact-mha-d32", kind="sparse", b=1, kvh=3, g=1, t=37, d=32, c=15, n=180, tail=2, dtype="float16",
+      compact=True)
 _case("sparse-compact-empty", kind="sparse", b=2, kvh=1, g=4, t=3, d=64, c=11, n=97, tail=0, dtype="float16",
       keep="none", compact=True)
 _case("sparse-compact-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, n=65, tail=0, dtype="float32",
