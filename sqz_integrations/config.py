@@ -69,6 +69,16 @@ class SqueezeConfig:
         generated token, in torch (the kernels do not expose per-key attention). Measured on CPU
         (SmolLM2, 2K-token corpus, one thread): ~30% of an answer's time and ~9% of a build's.
         ``False``: answers carry no sources and the build skips the probe's source baseline.
+    copy_window: after a multi-token read (the question), every decode step of that answer also reads
+        the clusters holding each corpus key that a query head of the read gave at least ``copy_focus``
+        of its attention, and the ``copy_window`` keys after it in token order: what copying a needle
+        token by token needs (an induction head matches the key *after* the one it copied, which its
+        cluster's centroid need not score). ``0`` turns it off (the default until the accuracy benchmark
+        has been rerun with it). The pinned clusters count in the kept fraction. Measured (SmolLM2
+        NIAH, held-out seed 1, 16 cases at 1K-2K, full KV 11): off 8 / 11 found at 0.0625 / 0.125 (kept
+        0.132 / 0.190), window 8 and focus 0.3: 12 / 11 (kept 0.145 / 0.200).
+    copy_focus: the share of a query head's attention that makes a key "focused" for ``copy_window``
+        (0.05 to 1).
     system_prompt: the system message placed before the corpus in the chat template.
     """
 
@@ -90,6 +100,8 @@ class SqueezeConfig:
     calibration_probe: str | None = "What are the most important facts in these documents?"
     probe_tokens: int = 24
     sources: bool = True
+    copy_window: int = 0
+    copy_focus: float = 0.3
     system_prompt: str = (
         "You are a helpful assistant. Answer the question using the documents provided."
     )
@@ -119,7 +131,9 @@ class SqueezeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("local_window", "dense_layers"):
+        if not 0.05 <= self.copy_focus <= 1.0:  # focused_attention keeps shares >= 0.05 only
+            raise ValueError(f"copy_focus must be in [0.05, 1], got {self.copy_focus}")
+        for name in ("local_window", "dense_layers", "copy_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -56,6 +56,33 @@ def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, 
         yield t0, t1, p * (p >= _FOCUS)
 
 
+def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: float, window: int) -> torch.Tensor:
+    """``(KVH, C)`` bool: the clusters holding each corpus key that a query head of ``q`` gives at least
+    ``focus`` of its attention, and the ``window`` keys after it in token order (``SqueezeConfig.copy_window``).
+    Keys outside the clusters (the always-read header and window) need no pin."""
+    kvh, n, _ = layer.keys.shape
+    best = torch.zeros(kvh, n, device=q.device)
+    for *_, p in focused_attention(q, layer.keys, dyn_k, scale):
+        best = torch.maximum(best, p.amax(dim=(0, 2, 3)))
+    heads, keys = (best >= focus).nonzero(as_tuple=True)
+    pins = torch.zeros(kvh, layer.cluster_offsets.shape[1] - 1, dtype=torch.bool, device=q.device)
+    if heads.numel() == 0:
+        return pins
+    pos = layer.key_pos.long()
+    where = torch.full((kvh, int(pos.max()) + 1), -1, dtype=torch.long, device=q.device)  # position -> stored key
+    where.scatter_(1, pos, torch.arange(n, device=q.device).expand(kvh, n).contiguous())
+    want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(where.shape[1] - 1)
+    rows = heads[:, None].expand_as(want)
+    stored = where[rows, want]
+    n_clustered = int(layer.cluster_offsets[0, -1])
+    in_clusters = (stored >= 0) & (stored < n_clustered)
+    # the cluster of every clustered stored key (the keys are sorted by cluster)
+    cluster_of = torch.searchsorted(layer.cluster_offsets[:, 1:].contiguous(),
+                                    torch.arange(n_clustered, device=q.device).expand(kvh, -1).contiguous(), right=True)
+    pins[rows[in_clusters], cluster_of[rows[in_clusters], stored[in_clusters]]] = True
+    return pins
+
+
 @dataclass(frozen=True)
 class ReadPlan:
     """Everything about how one call reads a corpus, decided once before its first token.
@@ -154,6 +181,7 @@ class CorpusRead:
         self.steps = [0] * n_layers
         self.centroids_scored = torch.zeros((), dtype=torch.float64, device=dev)
         self.doc_mass = torch.zeros(len(corpus.documents), dtype=torch.float64, device=dev)
+        self.pins: dict[int, torch.Tensor] = {}  # layer -> (KVH, C) clusters every decode step reads (copy_window)
 
     def lookup(self, layer_idx: int, q: torch.Tensor, scale: float):
         """Scores and selection ``(batch, kv_heads, clusters)`` for one layer's queries, and the work
@@ -164,7 +192,8 @@ class CorpusRead:
         dense_heads = None
         if not dense and layer_idx in plan.dense_head_layers[kind]:
             dense_heads = plan.dense_heads[kind][layer_idx]
-        if plan.fused and not dense and dense_heads is None and plan.selection == "threshold":
+        pins = self.pins.get(layer_idx) if kind == 0 and not dense else None
+        if plan.fused and not dense and dense_heads is None and pins is None and plan.selection == "threshold":
             # Triton: lookup + threshold + work list in one entry point (3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
@@ -192,11 +221,19 @@ class CorpusRead:
         if dense_heads is not None:
             # retrieval heads read every cluster (the Triton work list is then built by the attention)
             selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
+        if pins is not None:
+            selected = selected | pins[None]
         return scores, selected, None
 
     def attend(self, layer_idx: int, q: torch.Tensor, dyn_k: torch.Tensor, dyn_v: torch.Tensor, scale: float):
         """Attention output ``(batch, tokens, heads, head_dim)`` as transformers expects it."""
         layer = self.corpus.layers[layer_idx]
+        cfg = self.corpus.config
+        if (cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and layer.key_pos is not None
+                and not self.plan.reads_all(0)):
+            # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
+            # it focused on and of the keys that follow them
+            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist

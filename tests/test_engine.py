@@ -227,3 +227,68 @@ def test_sources_measured_in_slices_are_the_same(make_tiny_engine, monkeypatch):
     assert [s.document_index for s in whole.sources] == [s.document_index for s in sliced.sources]
     for a, b in zip(whole.sources, sliced.sources):
         assert a.score == pytest.approx(b.score, rel=1e-5)
+
+
+def test_copy_pins_take_the_focused_key_and_the_keys_after_it():
+    """A query that matches one corpus key pins that key's cluster and the clusters of the ``window``
+    keys after it in token order, in the focusing head only; keys outside the clusters need no pin."""
+    from types import SimpleNamespace
+
+    from sqz_integrations.selection import copy_pins
+
+    gen = torch.Generator().manual_seed(0)
+    kvh, n, d = 2, 40, 16
+    keys = torch.randn(kvh, n, d, generator=gen) * 0.1
+    # stored order = token order reversed; 7 clusters (5 keys, the last 6); stored 36-39 are always read
+    key_pos = torch.arange(n - 1, -1, -1, dtype=torch.int32).expand(kvh, n).contiguous()
+    offsets = torch.tensor([0, 5, 10, 15, 20, 25, 30, 36]).expand(kvh, -1).contiguous()
+    target = 20  # stored index 20 = token 19
+    keys[1, target] = torch.randn(d, generator=gen) * 3
+    q = torch.zeros(1, 2 * kvh, 3, d)
+    q[0, 2:] = keys[1, target] * 4  # both query heads of KV head 1 focus on it
+    layer = SimpleNamespace(keys=keys, cluster_offsets=offsets, key_pos=key_pos)
+    pins = copy_pins(layer, q, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6)
+    # tokens 19..25 = stored 20, 19, ..., 14: clusters 4 (stored 20-24) and 2-3 (stored 10-19)
+    expected = torch.zeros_like(pins)
+    expected[1, [2, 3, 4]] = True
+    assert torch.equal(pins, expected)
+    # a focused always-read key (stored 39 = token 0): its window covers tokens 0-6, i.e. the always-read
+    # stored 39-36 (no pin) and stored 35-33 (cluster 6)
+    keys[1, target] *= 0.03
+    keys[1, 39] = torch.randn(d, generator=gen) * 3
+    q[0, 2:] = keys[1, 39] * 4
+    expected = torch.zeros_like(pins)
+    expected[1, 6] = True
+    assert torch.equal(copy_pins(layer, q, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6), expected)
+    # a focus no key reaches pins nothing
+    assert not copy_pins(layer, q * 0, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6).any()
+
+
+def test_copy_window_pins_decode_reads(make_tiny_engine, monkeypatch):
+    """With copy_window, the question's read pins clusters that every decode step of the answer reads
+    (counted in the kept fraction); off, nothing is pinned; bad values are refused."""
+    from sqz_integrations import selection
+
+    reads = []
+    original = selection.CorpusRead.lookup
+
+    def lookup(self, layer_idx, q, scale):
+        out = original(self, layer_idx, q, scale)
+        if q.shape[2] == 1 and layer_idx in self.pins:
+            reads.append(bool((out[1] | ~self.pins[layer_idx][None]).all()))
+        return out
+
+    monkeypatch.setattr(selection.CorpusRead, "lookup", lookup)
+    cfg = SqueezeConfig(kv_budget=0.125, observation_window=16, sources=False)
+    engine = make_tiny_engine("llama", cfg)
+    engine.add_corpus("off", DOCS, progress=False)
+    engine.add_corpus("on", DOCS, progress=False, config=cfg.replace(copy_window=8, copy_focus=0.05))
+    off = engine.answer(QUESTION, corpus="off", max_new_tokens=6)
+    assert reads == []
+    on = engine.answer(QUESTION, corpus="on", max_new_tokens=6)
+    assert reads and all(reads)  # every decode step read every pinned cluster
+    assert on.kept_fraction >= off.kept_fraction
+    with pytest.raises(ValueError, match="copy_window"):
+        SqueezeConfig(copy_window=-1)
+    with pytest.raises(ValueError, match="copy_focus"):
+        SqueezeConfig(copy_focus=0.01)
