@@ -74,7 +74,8 @@ class SqueezeConfig:
         of its attention, and the ``copy_window`` keys after it in token order: what copying a needle
         token by token needs (an induction head matches the key *after* the one it copied, which its
         cluster's centroid need not score). ``0`` turns it off (the default until the accuracy benchmark
-        has been rerun with it). The pinned clusters count in the kept fraction. Measured (SmolLM2
+        has been rerun with it). The pinned clusters count in the kept fraction and come on top of the
+        budget (``selection="fixed"`` then no longer holds it exactly). Measured (SmolLM2
         NIAH, held-out seed 1, 16 cases at 1K-2K, full KV 11): off 8 / 11 found at 0.0625 / 0.125 (kept
         0.132 / 0.190), window 8 and focus 0.3: 12 / 11 (kept 0.145 / 0.200).
     copy_focus: the share of a query head's attention that makes a key "focused" for ``copy_window``
