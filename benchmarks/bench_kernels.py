@@ -253,16 +253,17 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         want = ref.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
         rec["max_abs_err_vs_twin"] = float((got - want).abs().max())
 
-    def selection(hier: bool, q_=None):
+    def selection(hier: bool, q_=None, config: LookupConfig | None = None):
         """lookup + threshold selection + work list, fused (centroid_selection: 3 launches, flat)"""
         q_ = q if q_ is None else q_
         if hier:
-            return tri.hierarchical_centroid_selection(q_, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n)
-        return tri.centroid_selection(q_, cent, logn, scale, offs, thr, n)
+            return tri.hierarchical_centroid_selection(q_, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n,
+                                                       config=config)
+        return tri.centroid_selection(q_, cent, logn, scale, offs, thr, n, config=config)
 
-    def ours(hier: bool):
+    def ours(hier: bool, config: LookupConfig | None = None):
         def fn():
-            _, sel, wl_ = selection(hier)
+            _, sel, wl_ = selection(hier, config=config)
             return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
         return fn
 
@@ -443,14 +444,12 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
-        rec["lookup_ab"] = lookup_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log,
-                                     tag=f"N={n} batch={batch}")
+        rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
     if args.launch_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
-        rec["launch_ab"] = launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log,
-                                     tag=f"N={n} batch={batch}")
+        rec["launch_ab"] = launch_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.profile and mode == "decode" and DEV == "cuda":
         rec["kernel_profile_us"] = profile_kernels(ours(False), log, f"N={n} batch={batch}")
 
@@ -497,16 +496,14 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     return rec
 
 
-def launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag: str) -> dict:
+def launch_ab(ours, log, tag: str) -> dict:
     """Decode, A/B in one process (alternated twice): programmatic dependent launch as the code takes it
-    (sqz_kernels.hardware), also for the attention past PDL_MAX_KEYS, and off everywhere."""
+    (sqz_kernels.hardware), also for the attention past PDL_MAX_KEYS, and off everywhere; ``ours`` is
+    run_case's whole-path factory (flat)."""
     from sqz_kernels import hardware as hw_mod
     from sqz_kernels import sparse_attention as sa_mod
 
-    def whole():
-        _, sel, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
-        return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
-
+    whole = ours(False)
     saved = (hw_mod.PDL, sa_mod.PDL_MAX_KEYS)
     variants = {"default": saved, "attention pdl at any size": (True, 1 << 30), "pdl off": (False, saved[1])}
     ab = {}
@@ -521,15 +518,9 @@ def launch_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag
     return ab
 
 
-def lookup_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag: str) -> dict:
+def lookup_ab(ours, log, tag: str) -> dict:
     """Decode: lookup tiles of the fused selection (scores block / warps, stats stages / splits) on the whole
-    path, A/B in one process (alternated twice)."""
-    def whole(lc):
-        def fn():
-            _, sel, wl_ = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, config=lc)
-            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
-        return fn
-
+    path (``ours(False, config)``, flat), A/B in one process (alternated twice)."""
     variants = {
         "default": None,
         "scores 512 / 8 warps": LookupConfig(scores_block_c=512, scores_warps=8),
@@ -540,7 +531,7 @@ def lookup_ab(q, keys, values, offs, cent, logn, scale, thr, n, dk, dv, log, tag
     ab = {}
     for rep in range(2):
         for name, lc in variants.items():
-            ab[f"whole {name} #{rep}"] = bench(whole(lc), graph=True)
+            ab[f"whole {name} #{rep}"] = bench(ours(False, lc), graph=True)
     log(f"  lookup A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
     return ab
 
