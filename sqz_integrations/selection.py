@@ -68,14 +68,15 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     pins = torch.zeros(kvh, layer.cluster_offsets.shape[1] - 1, dtype=torch.bool, device=q.device)
     if heads.numel() == 0:
         return pins
+    # every corpus token is stored once, so key_pos is a permutation of 0..n-1: position -> stored key
     pos = layer.key_pos.long()
-    where = torch.full((kvh, int(pos.max()) + 1), -1, dtype=torch.long, device=q.device)  # position -> stored key
+    where = torch.empty(kvh, n, dtype=torch.long, device=q.device)
     where.scatter_(1, pos, torch.arange(n, device=q.device).expand(kvh, n).contiguous())
-    want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(where.shape[1] - 1)
+    want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(n - 1)
     rows = heads[:, None].expand_as(want)
     stored = where[rows, want]
-    n_clustered = int(layer.cluster_offsets[0, -1])
-    in_clusters = (stored >= 0) & (stored < n_clustered)
+    n_clustered = layer.n_clustered  # known on the host: no device sync
+    in_clusters = stored < n_clustered
     # the cluster of every clustered stored key (the keys are sorted by cluster)
     cluster_of = torch.searchsorted(layer.cluster_offsets[:, 1:].contiguous(),
                                     torch.arange(n_clustered, device=q.device).expand(kvh, -1).contiguous(), right=True)

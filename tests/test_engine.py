@@ -246,7 +246,7 @@ def test_copy_pins_take_the_focused_key_and_the_keys_after_it():
     keys[1, target] = torch.randn(d, generator=gen) * 3
     q = torch.zeros(1, 2 * kvh, 3, d)
     q[0, 2:] = keys[1, target] * 4  # both query heads of KV head 1 focus on it
-    layer = SimpleNamespace(keys=keys, cluster_offsets=offsets, key_pos=key_pos)
+    layer = SimpleNamespace(keys=keys, cluster_offsets=offsets, key_pos=key_pos, n_clustered=36)
     pins = copy_pins(layer, q, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6)
     # tokens 19..25 = stored 20, 19, ..., 14: clusters 4 (stored 20-24) and 2-3 (stored 10-19)
     expected = torch.zeros_like(pins)
