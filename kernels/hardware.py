@@ -16,11 +16,25 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a small constant for the CPU interpreter)."""
     if device.type != "cuda":
         return _INTERPRETER_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sms(_index(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_index(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def is_hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9 or later (TMA, programmatic dependent launch)."""
+    return device.type == "cuda" and _hopper_index(_index(device))
 
 
 def is_interpreter(device: torch.device) -> bool:
@@ -38,7 +52,7 @@ PDL = os.environ.get("SQZ_NO_PDL") != "1"
 
 @functools.lru_cache(maxsize=None)
 def _pdl_supported(index: int) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(index)[0] < 9:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not _hopper_index(index):
         return False
     try:
         import triton.language as tl
@@ -55,7 +69,7 @@ def use_pdl(device: torch.device) -> bool:
     """True where the decode chain launches its dependent kernels with programmatic dependent launch."""
     if not PDL or device.type != "cuda":
         return False
-    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+    return _pdl_supported(_index(device))
 
 
 # Where it is used: decode with at most 8 (batch row, KV head) rows. Measured on the H200 (whole decode path,

@@ -40,10 +40,9 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
-from .tiles import _row_tile
+from .tiles import LOG2E, _row_tile
 from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Rows up to this count (decode: G * T <= 16) keep their logits for the scores pass instead of

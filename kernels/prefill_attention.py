@@ -19,12 +19,11 @@ Two launches:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from .hardware import is_hopper
 from .tiles import LOG2E, _causal_tiles, _online_tile, _row_tile, _work_keys
 
 try:  # host-side tensor descriptors (Triton >= 3.3); without them the gathering kernel serves prefill
@@ -38,18 +37,13 @@ _COPY_ROWS = 128
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-@functools.lru_cache(maxsize=None)
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def compact_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """True where prefill takes this path by default: CUDA with TMA (compute capability >= 9), a Triton with
     tensor descriptors, and the measured case (16-bit K/V, head_dim <= 128: see :func:`prefill_tiles`).
     Elsewhere the gathering kernel is the default (tests force this path on the CPU interpreter)."""
     if TensorDescriptor is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return head_dim <= 128 and _hopper(device.index if device.index is not None else torch.cuda.current_device())
+    return head_dim <= 128 and is_hopper(device)
 
 
 def prefill_tiles(dtype: torch.dtype, head_dim: int, on_gpu: bool) -> tuple[int, int, int, int]:
