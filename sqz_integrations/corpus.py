@@ -29,7 +29,7 @@ class CorpusLayer:
     centroids: torch.Tensor  # (KVH, C, D) float32, mean of the raw keys of each cluster
     log_counts: torch.Tensor  # (KVH, C) float32, log N_c, -inf when empty
     key_doc: torch.Tensor  # (KVH, N) int64, the document of every stored key, -1 for template tokens
-    key_pos: torch.Tensor | None = None  # (KVH, N) int32, the token position of every stored key
+    key_pos: torch.Tensor  # (KVH, N) int32, the token position of every stored key
     l1_centroids: torch.Tensor | None = None  # (KVH, C1, D) float32
     l1_log_counts: torch.Tensor | None = None  # (KVH, C1)
     l1_offsets: torch.Tensor | None = None  # (KVH, C1 + 1) int64 into the level-2 clusters

@@ -230,8 +230,7 @@ class CorpusRead:
         """Attention output ``(batch, tokens, heads, head_dim)`` as transformers expects it."""
         layer = self.corpus.layers[layer_idx]
         cfg = self.corpus.config
-        if (cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and layer.key_pos is not None
-                and not self.plan.reads_all(0)):
+        if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
             # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
             # it focused on and of the keys that follow them
             self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window)
