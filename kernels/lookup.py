@@ -137,7 +137,7 @@ def _stats_kernel(
 
 @triton.jit
 def _scores_kernel(
-    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM,
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM, PINS,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -147,7 +147,7 @@ def _scores_kernel(
     logit_scale, log_rows,
     stride_coff, log_threshold, idx_cap,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
-    USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr,
+    USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
     EXPAND: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
@@ -219,6 +219,9 @@ def _scores_kernel(
         # the same test as selection._threshold_kernel on the same float32 score
         inf = float("inf")
         keep = (score > -inf) & (score < inf) & (lw > -inf) & (lw < inf) & (score >= log_threshold)
+        if HAS_PINS:  # clusters every row of this KV head reads whatever their score (copy_window)
+            pin = tl.load(PINS + kvh * n_cent + c, mask=jm, other=0)
+            keep = keep | ((pin != 0) & (lw > -inf) & (lw < inf))
         tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
         size = tl.where(keep & jm, c_size, 0)
         total = tl.sum(size, 0)
@@ -360,9 +363,9 @@ def _scores_block_c(rq: _Rows) -> int:
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
             select=None, pdl=False):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
-    log_threshold, worklist)``: also the threshold selection and its per-block selected key counts; with
+    log_threshold, worklist, pins)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
-    the stats pass zeroed."""
+    the stats pass zeroed; with ``pins`` (int8 (KVH, C), contiguous, not None) the pinned clusters too."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
@@ -378,13 +381,14 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     warps = rq.cfg.scores_warps or (4 if from_logits else 8)
     grid = (rq.b * rq.kvh, triton.cdiv(n_cent, block_c))
     dummy = m_buf
-    sel, sums, c_offs, thr, wl = select if select is not None else (dummy, dummy, dummy, 0.0, None)
+    sel, sums, c_offs, thr, wl, pins = select if select is not None else (dummy, dummy, dummy, 0.0, None, None)
     idx, cum = wl if wl is not None else (dummy, dummy)
     _scores_kernel[grid](
         rq.q, cent, logn,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
         m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs, idx, cum,
+        pins if pins is not None else dummy,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
@@ -392,7 +396,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         scale * LOG2E, math.log(rq.rows),
         c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
-        USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None,
+        USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
         EXPAND=wl is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS, PDL=pdl,
         num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
@@ -440,10 +444,10 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
 def centroid_selection(
     q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
     cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
-    *, config: LookupConfig | None = None,
+    *, pins: torch.Tensor | None = None, config: LookupConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.centroid_selection`: the flat lookup, the threshold
-    selection and the work list in three launches (stats, scores + selection + per-block key counts,
+    selection (OR ``pins``) and the work list in three launches (stats, scores + selection + per-block key counts,
     work-list expansion) where ``centroid_scores`` + ``select_clusters`` + ``build_worklist`` take five; in
     decode two (the scores pass also expands the work list, see ``_FUSE_EXPAND``).
 
@@ -460,6 +464,11 @@ def centroid_selection(
     cent, logn = _prep(centroids, log_counts)
     offs = cluster_offsets.contiguous()
     dev = q.device
+    if pins is not None:
+        if pins.shape != (kvh, n_cent) or pins.dtype != torch.bool:
+            raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kvh, n_cent)} tensor, got "
+                             f"{pins.dtype} {tuple(pins.shape)}")
+        pins = pins.contiguous().view(torch.int8)
     scores = torch.empty(rq.b, kvh, n_cent, dtype=torch.float32, device=dev)
     selected = torch.empty(rq.b, kvh, n_cent, dtype=torch.bool, device=dev)
     block_c = _scores_block_c(rq)
@@ -468,9 +477,9 @@ def centroid_selection(
     if _FUSE_EXPAND and rq.decode:
         cum = torch.empty(rq.b, kvh, n_cent, dtype=torch.int32, device=dev)
         idx = torch.empty(rq.b, kvh, max(n_keys, 1), dtype=torch.int32, device=dev)
-        _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum)))
+        _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum), pins))
         return scores, selected, (idx, cum)
-    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None))
+    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None, pins))
     return scores, selected, expand_worklist(sel, offs, sums, block_c, n_keys)
 
 

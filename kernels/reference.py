@@ -184,12 +184,16 @@ def select_worklist(
 def centroid_selection(
     q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
     cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
+    *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The flat lookup, its threshold selection and the work list in one call:
     ``(centroid_scores(...), select_clusters(..., log_threshold=...), build_worklist(selected, cluster_offsets,
-    n_keys))``. The work list goes to ``squeezed_attention(..., worklist=...)``."""
+    n_keys))``. ``pins`` (``(kv_heads, clusters)`` bool): clusters selected for every row whatever their
+    score (non-empty ones). The work list goes to ``squeezed_attention(..., worklist=...)``."""
     scores = centroid_scores(q, centroids, log_counts, scale)
     selected = select_clusters(scores, log_counts, log_threshold=log_threshold)
+    if pins is not None:
+        selected = selected | (pins & ~torch.isinf(log_counts))[None]
     return scores, selected, build_worklist(selected, cluster_offsets, n_keys)
 
 

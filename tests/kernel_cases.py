@@ -53,6 +53,11 @@ _case("selection-decode-blocks", kind="selection", b=1, kvh=2, g=4, t=1, d=32, c
 # flat prefill: 128-cluster scores blocks (recomputed logits), 3 per row; the work list in its own launch
 _case("selection-prefill-flat", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
       dtype="float32")
+# pinned clusters (copy_window) ORed into the fused selection: decode (expansion in the scores pass) and prefill
+_case("selection-decode-pins", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16", pins=0.05)
+_case("selection-prefill-pins", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
+      dtype="float32", pins=0.05)
 _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
       dtype="float32", p=9)
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
@@ -105,6 +110,8 @@ GPU_CASES: dict[str, dict] = {
     "real-causal-prefill": dict(kind="causal", b=1, kvh=8, g=4, t=512, m=640, d=128),
     "real-selection-decode": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100,
                                   m=300),
+    "real-selection-decode-pins": dict(kind="selection", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
+                                       tail=100, m=300, pins=0.02),
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
@@ -249,9 +256,17 @@ def _selection_case(name, p, device, dtype, gen, tol):
         got = tri.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
         want = ref.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
     else:
-        thr = _mid_gap_threshold(ref.centroid_scores(q, cent, logn, scale))
-        got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n)
-        want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n)
+        flat = ref.centroid_scores(q, cent, logn, scale)
+        thr = _mid_gap_threshold(flat)
+        pins = None
+        if "pins" in p:
+            pins = (torch.rand(kvh, c, generator=gen) < p["pins"]).to(device)
+            if not bool((pins[None] & (flat < thr)).any()):
+                return f"{name}: no pin below the threshold, nothing to test"
+        got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
+        want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
+        if pins is not None and not bool((want[1] | ~(pins & torch.isfinite(logn))[None]).all()):
+            return f"{name}: the twin dropped a pinned cluster"
     (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
     msg = _report(f"{name} scores", gs, ws, *tol["score"])
     if msg:
