@@ -6,6 +6,7 @@ attention mass per document for the sources).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -56,18 +57,21 @@ def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, 
         yield t0, t1, p * (p >= _FOCUS)
 
 
-def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: float, window: int) -> torch.Tensor:
+def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: float, window: int,
+              cap_keys: int | None = None) -> torch.Tensor:
     """``(KVH, C)`` bool: the clusters holding each corpus key that a query head of ``q`` gives at least
     ``focus`` of its attention, and the ``window`` keys after it in token order (``SqueezeConfig.copy_window``).
-    Keys outside the clusters (the always-read header and window) need no pin."""
+    Keys outside the clusters (the always-read header and window) need no pin. ``cap_keys``: per KV head,
+    at most this many keys pinned, the clusters ranked by the attention share of the key that pinned them
+    (a model whose heads all focus sharply would otherwise pin the whole corpus)."""
     kvh, n, _ = layer.keys.shape
+    n_clusters = layer.cluster_offsets.shape[1] - 1
     best = torch.zeros(kvh, n, device=q.device)
     for *_, p in focused_attention(q, layer.keys, dyn_k, scale):
         best = torch.maximum(best, p.amax(dim=(0, 2, 3)))
     heads, keys = (best >= focus).nonzero(as_tuple=True)
-    pins = torch.zeros(kvh, layer.cluster_offsets.shape[1] - 1, dtype=torch.bool, device=q.device)
     if heads.numel() == 0:
-        return pins
+        return torch.zeros(kvh, n_clusters, dtype=torch.bool, device=q.device)
     # every corpus token is stored once, so key_pos is a permutation of 0..n-1: position -> stored key
     pos = layer.key_pos.long()
     where = torch.empty(kvh, n, dtype=torch.long, device=q.device)
@@ -75,13 +79,21 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(n - 1)
     rows = heads[:, None].expand_as(want)
     stored = where[rows, want]
+    share = best[heads, keys][:, None].expand_as(want)
     n_clustered = layer.n_clustered  # known on the host: no device sync
-    in_clusters = stored < n_clustered
+    inside = stored < n_clustered
+    rows, stored, share = rows[inside], stored[inside], share[inside]
     # the cluster of every clustered stored key (the keys are sorted by cluster)
     cluster_of = torch.searchsorted(layer.cluster_offsets[:, 1:].contiguous(),
                                     torch.arange(n_clustered, device=q.device).expand(kvh, -1).contiguous(), right=True)
-    pins[rows[in_clusters], cluster_of[rows[in_clusters], stored[in_clusters]]] = True
-    return pins
+    # per cluster, the log of the largest share that pins it (-inf: not pinned)
+    log_share = torch.full((kvh * n_clusters,), float("-inf"), device=q.device)
+    log_share.scatter_reduce_(0, rows * n_clusters + cluster_of[rows, stored], share.log(), "amax")
+    log_share = log_share.view(kvh, n_clusters)
+    if cap_keys is None:
+        return torch.isfinite(log_share)
+    log_sizes = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).float().log()
+    return reference.select_clusters(log_share[None], log_sizes, budget_keys=cap_keys)[0]
 
 
 @dataclass(frozen=True)
@@ -178,24 +190,35 @@ class CorpusRead:
         self.track_sources = track_sources
         n_layers = len(corpus.layers)
         dev = corpus.layers[0].keys.device
-        self.kept = torch.zeros(n_layers, dtype=torch.float64, device=dev)
+        # Accounting in as few launches as possible: a decode step of a small model is bound by the host's
+        # kernel launches. Per layer, the selected keys summed over steps and (batch row, KV head) rows;
+        # divided by the rows per step and completed with the always-read keys when read out.
+        self.selected_keys = torch.zeros(n_layers, dtype=torch.float64, device=dev)
+        self._layer_index = torch.arange(n_layers, device=dev)
+        self._rows = [1] * n_layers
+        self._counts: dict[int, torch.Tensor] = {}  # layer -> (KVH, C) float64 cluster sizes (0 when empty)
         self.steps = [0] * n_layers
-        self.centroids_scored = torch.zeros((), dtype=torch.float64, device=dev)
+        self._scored_host = 0.0  # centroids scored, known on the host (flat lookup)
+        self._scored_dev = torch.zeros((), dtype=torch.float64, device=dev)  # and counted on the device (hierarchical)
         self.doc_mass = torch.zeros(len(corpus.documents), dtype=torch.float64, device=dev)
+        self._all: dict[tuple[int, int], tuple] = {}  # (layer, batch) -> a read of every cluster (see _read_all)
         self.pins: dict[int, torch.Tensor] = {}  # layer -> (KVH, C) clusters every decode step reads (copy_window)
 
     def lookup(self, layer_idx: int, q: torch.Tensor, scale: float):
         """Scores and selection ``(batch, kv_heads, clusters)`` for one layer's queries, and the work
-        list of the selection when the backend builds one in the same launches (else ``None``)."""
+        list of the selection when the backend builds one in the same launches (else ``None``). A read of
+        every cluster (``kv_budget=1.0``, the dense layers) scores nothing: its scores are ``None``."""
         layer, plan, be = self.corpus.layers[layer_idx], self.plan, self.plan.backend
         kind = int(q.shape[2] > 1)  # 0: one token (decode), 1: several (a question's prefill)
         dense = plan.reads_all(kind) or layer_idx < self.corpus.config.dense_layers
         dense_heads = None
         if not dense and layer_idx in plan.dense_head_layers[kind]:
             dense_heads = plan.dense_heads[kind][layer_idx]
-        pins = self.pins.get(layer_idx) if kind == 0 and not dense else None
-        if plan.fused and not dense and dense_heads is None and pins is None and plan.selection == "threshold":
-            # Triton: lookup + threshold + work list in one entry point (3 launches instead of 5).
+        if dense:  # no lookup at all: every cluster, and one work list for the whole call
+            return (None, *self._read_all(layer_idx, q.shape[0]))
+        pins = self.pins.get(layer_idx) if kind == 0 else None
+        if plan.fused and dense_heads is None and plan.selection == "threshold" and not (pins is not None and plan.hierarchical):
+            # Triton: lookup + threshold (+ the pins) + work list in one entry point (2-3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
                 return be.hierarchical_centroid_selection(
@@ -204,7 +227,8 @@ class CorpusRead:
                     plan.log_threshold[kind], n_keys,
                 )
             return be.centroid_selection(
-                q, layer.centroids, layer.log_counts, scale, layer.cluster_offsets, plan.log_threshold[kind], n_keys
+                q, layer.centroids, layer.log_counts, scale, layer.cluster_offsets, plan.log_threshold[kind], n_keys,
+                pins=pins,
             )
         if plan.hierarchical:
             scores = be.hierarchical_centroid_scores(
@@ -213,18 +237,31 @@ class CorpusRead:
             )
         else:
             scores = be.centroid_scores(q, layer.centroids, layer.log_counts, scale)
-        if dense:
-            selected = torch.isfinite(layer.log_counts).unsqueeze(0).expand_as(scores)
-        elif plan.selection == "threshold":
+        if plan.selection == "threshold":
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
         else:
-            selected = be.select_clusters(scores, layer.log_counts, budget_keys=plan.budget_keys[kind])
+            # fixed mode holds its budget: pinned clusters rank first and are read inside it
+            ranked = scores if pins is None else scores.masked_fill(pins[None], torch.finfo(scores.dtype).max)
+            selected = be.select_clusters(ranked, layer.log_counts, budget_keys=plan.budget_keys[kind])
         if dense_heads is not None:
             # retrieval heads read every cluster (the Triton work list is then built by the attention)
             selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
-        if pins is not None:
+        if pins is not None and plan.selection == "threshold":
             selected = selected | pins[None]
         return scores, selected, None
+
+    def _read_all(self, layer_idx: int, batch: int):
+        """``(selected, work list)`` of a read of every cluster, built once per call and layer (the work list
+        only where the backend takes one)."""
+        key = (layer_idx, batch)
+        if key not in self._all:
+            layer = self.corpus.layers[layer_idx]
+            selected = torch.isfinite(layer.log_counts).unsqueeze(0).expand(batch, -1, -1)
+            worklist = None
+            if self.plan.fused:
+                worklist = self.plan.backend.build_worklist(selected, layer.cluster_offsets, layer.keys.shape[1])
+            self._all[key] = (selected, worklist)
+        return self._all[key]
 
     def attend(self, layer_idx: int, q: torch.Tensor, dyn_k: torch.Tensor, dyn_v: torch.Tensor, scale: float):
         """Attention output ``(batch, tokens, heads, head_dim)`` as transformers expects it."""
@@ -233,7 +270,9 @@ class CorpusRead:
         if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
             # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
             # it focused on and of the keys that follow them
-            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window)
+            # at most the decode budget's own keys again: the pins may double a head's read, not replace the budget
+            cap = max(1, math.floor(self.plan.kv_budget * self.corpus.n_tokens))
+            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist
@@ -258,26 +297,43 @@ class CorpusRead:
         self.doc_mass.index_add_(0, layer.key_doc[in_doc], mass[in_doc].double())
 
     def _record(self, layer_idx, layer, scores, selected) -> None:
-        counts = torch.exp(layer.log_counts)  # KVH, C
-        kept = (selected * counts).sum(-1) + layer.n_always  # B, KVH
-        self.kept[layer_idx] += (kept / layer.keys.shape[1]).mean()
+        counts = self._counts.get(layer_idx)
+        if counts is None:
+            # exact integer sizes (exp(log_counts) is off by float32 rounding)
+            counts = self._counts[layer_idx] = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).double()
+        idx = self._layer_index[layer_idx:layer_idx + 1]
+        self.selected_keys.index_add_(0, idx, torch.sum(selected * counts, dtype=torch.float64).view(1))
+        self._rows[layer_idx] = selected.shape[0] * selected.shape[1]
         self.steps[layer_idx] += 1
+        if scores is None:  # a read of everything scores no centroid
+            return
         if self.plan.hierarchical:
-            self.centroids_scored += torch.isfinite(scores).sum() / scores.shape[0] + layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
+            self._scored_dev += torch.isfinite(scores).sum() / scores.shape[0]
+            self._scored_host += layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
         else:
-            self.centroids_scored += scores.shape[1] * scores.shape[2]
+            self._scored_host += scores.shape[1] * scores.shape[2]
+
+    def _kept_sums(self) -> list[float]:
+        """Per layer, the kept fraction summed over steps (one device read)."""
+        layers = self.corpus.layers
+        return [(k / r + s * layer.n_always) / layer.keys.shape[1]
+                for k, r, s, layer in zip(self.selected_keys.tolist(), self._rows, self.steps, layers)]
 
     def kept_per_layer(self) -> list[float]:
-        kept = self.kept.tolist()
-        return [k / s if s else 0.0 for k, s in zip(kept, self.steps)]
+        return [k / s if s else 0.0 for k, s in zip(self._kept_sums(), self.steps)]
 
     def kept_fraction(self) -> float:
         total = sum(self.steps)
-        return float(self.kept.sum()) / total if total else 0.0
+        return sum(self._kept_sums()) / total if total else 0.0
+
+    @property
+    def centroids_scored(self) -> float:
+        """Centroids scored per KV head, summed over layers and steps."""
+        return self._scored_host + float(self._scored_dev)
 
     def commit(self) -> None:
         """Add this call's reads to the corpus's running statistics."""
-        self.corpus.reads.add(self.kept.tolist(), list(self.steps))
+        self.corpus.reads.add(self._kept_sums(), list(self.steps))
 
 
 class QueryRecorder(CorpusRead):

@@ -262,6 +262,17 @@ def test_copy_pins_take_the_focused_key_and_the_keys_after_it():
     assert torch.equal(copy_pins(layer, q, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6), expected)
     # a focus no key reaches pins nothing
     assert not copy_pins(layer, q * 0, torch.zeros(1, kvh, 3, d), d ** -0.5, focus=0.3, window=6).any()
+    # a head split between two keys (shares ~0.62 and ~0.38) pins both clusters; capped at 5 keys, only the
+    # cluster of the stronger one
+    keys[1, 39] = 0
+    keys[1, 2], keys[1, 27] = torch.eye(d)[0] * 10, torch.eye(d)[1] * 10  # clusters 0 and 5
+    q = torch.zeros(1, 2 * kvh, 3, d)
+    q[0, 2:, :, 0], q[0, 2:, :, 1] = 4.0, 3.8
+    args = (layer, q, torch.zeros(1, kvh, 3, d), d ** -0.5, 0.3, 0)
+    assert copy_pins(*args)[1].nonzero().flatten().tolist() == [0, 5]
+    assert copy_pins(*args, cap_keys=10)[1].nonzero().flatten().tolist() == [0, 5]
+    assert copy_pins(*args, cap_keys=5)[1].nonzero().flatten().tolist() == [0]
+    assert not copy_pins(*args, cap_keys=5)[0].any()
 
 
 def test_copy_window_pins_decode_reads(make_tiny_engine, monkeypatch):
@@ -275,19 +286,30 @@ def test_copy_window_pins_decode_reads(make_tiny_engine, monkeypatch):
     def lookup(self, layer_idx, q, scale):
         out = original(self, layer_idx, q, scale)
         if q.shape[2] == 1 and layer_idx in self.pins:
-            reads.append(bool((out[1] | ~self.pins[layer_idx][None]).all()))
+            sel, pins = out[1], self.pins[layer_idx][None]
+            if self.plan.selection == "threshold":
+                reads.append(bool((sel | ~pins).all()))
+            else:  # per head, every pin is read, or the budget is spent on pins only
+                reads.append(bool(((sel | ~pins).all(-1) | (~sel | pins).all(-1)).all()))
         return out
 
     monkeypatch.setattr(selection.CorpusRead, "lookup", lookup)
     cfg = SqueezeConfig(kv_budget=0.125, observation_window=16, sources=False)
     engine = make_tiny_engine("llama", cfg)
-    engine.add_corpus("off", DOCS, progress=False)
+    engine.add_corpus("off", DOCS, progress=False, config=cfg.replace(copy_window=0))
     engine.add_corpus("on", DOCS, progress=False, config=cfg.replace(copy_window=8, copy_focus=0.05))
     off = engine.answer(QUESTION, corpus="off", max_new_tokens=6)
     assert reads == []
     on = engine.answer(QUESTION, corpus="on", max_new_tokens=6)
     assert reads and all(reads)  # every decode step read every pinned cluster
     assert on.kept_fraction >= off.kept_fraction
+    # fixed mode reads the pins inside its budget, which still holds
+    engine.add_corpus("fixed", DOCS, progress=False,
+                      config=cfg.replace(copy_window=8, copy_focus=0.05, selection="fixed", question_budget=None))
+    reads.clear()
+    fixed = engine.answer(QUESTION, corpus="fixed", max_new_tokens=6)
+    assert reads and all(reads)  # pins ranked first
+    assert fixed.kept_fraction <= 0.125 + 1e-9
     with pytest.raises(ValueError, match="copy_window"):
         SqueezeConfig(copy_window=-1)
     with pytest.raises(ValueError, match="copy_focus"):

@@ -327,6 +327,36 @@ def check_answer(w: World) -> None:
         assert torch.equal(before[k], after[k]), k
 
 
+def check_copy_pins_fused(w: World, monkeypatch) -> None:
+    """With the default ``copy_window``, decode steps on Triton take the fused lookup (its work list comes
+    back) except in layers with a retrieval head read in full, and still read every pinned cluster; the torch
+    twin reads its pins too (always unfused)."""
+    e = w.engine
+    assert e.get_corpus(w.flat).config.copy_window > 0
+    seen = {"fused_pinned": 0, "pinned": 0, "fusable": 0}
+    original = CorpusRead.lookup
+
+    def lookup(self, layer_idx, q, scale):
+        scores, selected, worklist = original(self, layer_idx, q, scale)
+        pins = self.pins.get(layer_idx)
+        if q.shape[2] == 1 and pins is not None and pins.any():
+            seen["pinned"] += 1
+            seen["fused_pinned"] += worklist is not None
+            # layers with a retrieval head read in full widen the selection after the lookup: unfused there
+            seen["fusable"] += layer_idx not in self.plan.dense_head_layers[0]
+            assert bool((selected | ~(pins & torch.isfinite(self.corpus.layers[layer_idx].log_counts))[None]).all())
+        return scores, selected, worklist
+
+    monkeypatch.setattr(CorpusRead, "lookup", lookup)
+    e.answer(QUESTION, w.flat, max_new_tokens=6)
+    _report(world=w.name, check="copy_pins_fused", **seen)
+    assert seen["fusable"] > 0 and seen["fused_pinned"] == seen["fusable"]
+    twin = add_torch_twin(e, w.flat) if f"{w.flat}-torch" not in e.corpora else f"{w.flat}-torch"
+    seen.update(pinned=0, fused_pinned=0, fusable=0)
+    e.answer(QUESTION, twin, max_new_tokens=6)
+    assert seen["pinned"] > 0 and seen["fused_pinned"] == 0
+
+
 # ----------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -381,5 +411,6 @@ def test_hierarchical_on_triton(world, monkeypatch):
     check_budget_backends_agree(world, world.hier, monkeypatch, hierarchical=True)
 
 
-def test_answer_on_cuda(world):
+def test_answer_on_cuda(world, monkeypatch):
     check_answer(world)
+    check_copy_pins_fused(world, monkeypatch)
