@@ -159,6 +159,40 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     return rec
 
 
+def profile_decode(engine: SqueezedEngine, budget: float, new_tokens: int, device: str) -> str:
+    """Where a decode step's time goes: the torch profiler over one warm answer at ``budget``, ops ranked by
+    their own host (CPU) time, with the host time spent inside the squeezed attention hook and the number
+    of GPU kernels per generated token. A decode step that is slower than its kernels is bound by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sqz_integrations.selection import CorpusRead
+
+    hook_s = [0.0]
+    original = CorpusRead.attend
+
+    def timed_attend(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            hook_s[0] += time.perf_counter() - t0
+
+    engine.answer(QUESTIONS[0], corpus="bench", max_new_tokens=new_tokens, kv_budget=budget)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    CorpusRead.attend = timed_attend
+    try:
+        with profile(activities=activities) as prof:
+            ans = engine.answer(QUESTIONS[0], corpus="bench", max_new_tokens=new_tokens, kv_budget=budget)
+    finally:
+        CorpusRead.attend = original
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA") if device == "cuda" else 0
+    head = (f"profile at kv_budget={budget}: {ans.completion_tokens} tokens, {ans.total_time * 1e3:.1f} ms in all, "
+            f"{hook_s[0] * 1e3:.1f} ms of host time inside the attention hook, "
+            f"{kernels / max(1, ans.completion_tokens):.0f} GPU kernels per token\n")
+    return head + events.table(sort_by="self_cpu_time_total", row_limit=30)
+
+
 def summarise(runs: list[dict]) -> dict:
     """Medians over the warm answers (the first answer of a size compiles kernels and fills caches)."""
     warm = [r for r in runs if r["warm"]] or runs
@@ -175,7 +209,8 @@ def summarise(runs: list[dict]) -> dict:
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"Engine benchmark, {meta['date']}, {meta['device']}, torch {meta['torch']}, transformers "
              f"{meta['transformers']}. Random Llama ({meta['layers']} layers, {meta['shape']}), {meta['dtype']}; "
-             f"{meta['new_tokens']} new tokens per answer; medians over warm answers.", "",
+             f"{meta['new_tokens']} new tokens per answer; copy_window {meta['config']['copy_window']}; medians over "
+             "warm answers.", "",
              "| corpus tokens | build s | system | time to first token s | ms per later token | kept |",
              "|---|---|---|---|---|---|"]
     for r in records:
@@ -194,6 +229,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=4096, help="corpus prefill chunk (engine and CAG)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--copy-window", type=int, default=SqueezeConfig.copy_window,
+                    help="SqueezeConfig.copy_window (0: decode reads only its own selection)")
+    ap.add_argument("--profile", type=float, default=None, metavar="BUDGET",
+                    help="after the first size, profile one answer at this budget (and at 1.0) and print where a "
+                         "decode step spends its time")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (torch twins): checks the script")
     args = ap.parse_args()
     device = "cpu" if args.cpu_smoke else "cuda"
@@ -202,18 +242,23 @@ def main() -> None:
         args.tokens, args.layers, args.new_tokens, args.repeats = [2048], 2, 4, 1
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model = make_model(len(tok), args.layers, max(args.tokens), device, dtype, small=args.cpu_smoke)
-    engine = SqueezedEngine(model, tok, SqueezeConfig(sources=False, prefill_chunk=args.chunk))
+    engine = SqueezedEngine(model, tok, SqueezeConfig(sources=False, prefill_chunk=args.chunk,
+                                                       copy_window=args.copy_window))
     meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 layers=args.layers, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens,
                 shape="tiny" if args.cpu_smoke else "32 q heads, 8 KV heads, d=128, hidden 4096, MLP 14336",
-                config=dict(kv_budget_default=engine.config.kv_budget, prefill_chunk=args.chunk))
+                config=dict(kv_budget_default=engine.config.kv_budget, prefill_chunk=args.chunk,
+                                copy_window=args.copy_window))
     records = []
     for n in args.tokens:
         rec = run_size(engine, n, args, device)
         print(json.dumps(rec), flush=True)
         records.append(rec)
+        if args.profile is not None and len(records) == 1:
+            for budget in (args.profile, 1.0):
+                print(profile_decode(engine, budget, args.new_tokens, device), flush=True)
     md = markdown(meta, records)
     if not args.cpu_smoke:
         args.out.mkdir(parents=True, exist_ok=True)
