@@ -153,6 +153,12 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     # engine stopping at an end-of-turn token, which the CAG loop does not)
     rec["full_budget_tokens_equal_cag"] = all(
         a["ids"] == b["ids"][:len(a["ids"])] for a, b in zip(systems["squeezed@1"], runs))
+    # per answer, how many leading tokens agree: a random bf16 model's logits are near ties (initialiser std
+    # 0.02), so one rounding difference between the two attention paths can change a greedy token and the
+    # answers part there (tests/test_engine_gpu.py checks the engine against transformers with margins)
+    rec["full_budget_equal_leading_tokens"] = [
+        next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), min(len(a["ids"]), len(b["ids"])))
+        for a, b in zip(systems["squeezed@1"], runs)]
     rec["cag_peak_gb"] = peak_gb(device)
     del cache
     rec["systems"] = {name: summarise(r) for name, r in systems.items()}

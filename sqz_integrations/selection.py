@@ -27,12 +27,12 @@ _FOCUS = 0.05
 _MAX_ELEMENTS = 2**26
 
 
-def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
-                      keep: torch.Tensor | None = None):
-    """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``, where a
-    query head focuses: yields ``(t0, t1, p)`` over slices of the query tokens, ``p`` ``(B, KVH, G, t1 - t0,
-    N)`` float32 the probability of each corpus key (softmax over the corpus keys, only those in ``keep``
-    ``(B, KVH, N)`` if given, and the causal dynamic keys ``dyn_k``), zero below ``_FOCUS``.
+def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
+                  keep: torch.Tensor | None = None):
+    """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``: yields
+    ``(t0, t1, logp)`` over slices of the query tokens, ``logp`` ``(B, KVH, G, t1 - t0, N)`` float32 the log
+    probability of each corpus key (softmax over the corpus keys, only those in ``keep`` ``(B, KVH, N)`` if
+    given, and the causal dynamic keys ``dyn_k``).
 
     q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
     slice holds at most ``_MAX_ELEMENTS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
@@ -53,7 +53,15 @@ def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, 
         sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, G, T', M
         pos = torch.arange(t0, t1, device=q.device) + (m - t)
         sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
-        p = torch.exp(s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1))
+        yield t0, t1, s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1)
+
+
+def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
+                      keep: torch.Tensor | None = None):
+    """:func:`log_attention` as probabilities, where a query head focuses: yields ``(t0, t1, p)``, ``p``
+    zero below ``_FOCUS``."""
+    for t0, t1, logp in log_attention(q, keys, dyn_k, scale, keep):
+        p = torch.exp(logp)
         yield t0, t1, p * (p >= _FOCUS)
 
 
@@ -66,10 +74,11 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     (a model whose heads all focus sharply would otherwise pin the whole corpus)."""
     kvh, n, _ = layer.keys.shape
     n_clusters = layer.cluster_offsets.shape[1] - 1
-    best = torch.zeros(kvh, n, device=q.device)
-    for *_, p in focused_attention(q, layer.keys, dyn_k, scale):
-        best = torch.maximum(best, p.amax(dim=(0, 2, 3)))
-    heads, keys = (best >= focus).nonzero(as_tuple=True)
+    # per corpus key, the largest log share a query head of q gives it (max, not the sum: no exp pass)
+    best = torch.full((kvh, n), float("-inf"), device=q.device)
+    for *_, logp in log_attention(q, layer.keys, dyn_k, scale):
+        best = torch.maximum(best, logp.amax(dim=(0, 2, 3)))
+    heads, keys = (best >= math.log(focus)).nonzero(as_tuple=True)
     if heads.numel() == 0:
         return torch.zeros(kvh, n_clusters, dtype=torch.bool, device=q.device)
     # every corpus token is stored once, so key_pos is a permutation of 0..n-1: position -> stored key
@@ -79,21 +88,21 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(n - 1)
     rows = heads[:, None].expand_as(want)
     stored = where[rows, want]
-    share = best[heads, keys][:, None].expand_as(want)
+    log_share = best[heads, keys][:, None].expand_as(want)
     n_clustered = layer.n_clustered  # known on the host: no device sync
     inside = stored < n_clustered
-    rows, stored, share = rows[inside], stored[inside], share[inside]
+    rows, stored, log_share = rows[inside], stored[inside], log_share[inside]
     # the cluster of every clustered stored key (the keys are sorted by cluster)
     cluster_of = torch.searchsorted(layer.cluster_offsets[:, 1:].contiguous(),
                                     torch.arange(n_clustered, device=q.device).expand(kvh, -1).contiguous(), right=True)
     # per cluster, the log of the largest share that pins it (-inf: not pinned)
-    log_share = torch.full((kvh * n_clusters,), float("-inf"), device=q.device)
-    log_share.scatter_reduce_(0, rows * n_clusters + cluster_of[rows, stored], share.log(), "amax")
-    log_share = log_share.view(kvh, n_clusters)
+    pin_share = torch.full((kvh * n_clusters,), float("-inf"), device=q.device)
+    pin_share.scatter_reduce_(0, rows * n_clusters + cluster_of[rows, stored], log_share, "amax")
+    pin_share = pin_share.view(kvh, n_clusters)
     if cap_keys is None:
-        return torch.isfinite(log_share)
+        return torch.isfinite(pin_share)
     log_sizes = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).float().log()
-    return reference.select_clusters(log_share[None], log_sizes, budget_keys=cap_keys)[0]
+    return reference.select_clusters(pin_share[None], log_sizes, budget_keys=cap_keys)[0]
 
 
 @dataclass(frozen=True)
