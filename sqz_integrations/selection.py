@@ -279,8 +279,8 @@ class CorpusRead:
         if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
             # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
             # it focused on and of the keys that follow them
-            # at most the decode budget's own keys again: the pins may double a head's read, not replace the budget
-            cap = max(1, math.floor(self.plan.kv_budget * self.corpus.n_tokens))
+            # a bound, not a budget: the pins must not turn a sparse read into a full one (SqueezeConfig.copy_cap)
+            cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
             self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(

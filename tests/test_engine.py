@@ -174,7 +174,9 @@ def test_sampling_is_seeded(make_tiny_engine):
 
 def test_calibration_survives_huge_keys(make_tiny_engine):
     """Keys scaled by 1e3 (the overflow of the authors' exp()): thresholds and outputs stay finite."""
-    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    # 0.125: every head of this model focuses sharply, so the copy pins reach their bound, copy_cap (4) x the
+    # budget, which at 0.125 is half the corpus and leaves the read sparse
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.125, observation_window=16))
     with torch.no_grad():
         for layer in engine.model.model.layers:
             layer.self_attn.k_proj.weight.mul_(1e3)
@@ -286,6 +288,10 @@ def test_copy_window_pins_decode_reads(make_tiny_engine, monkeypatch):
     def lookup(self, layer_idx, q, scale):
         out = original(self, layer_idx, q, scale)
         if q.shape[2] == 1 and layer_idx in self.pins:
+            offs = self.corpus.layers[layer_idx].cluster_offsets
+            pinned_keys = (self.pins[layer_idx] * (offs[:, 1:] - offs[:, :-1])).sum(-1)
+            cap = self.corpus.config.copy_cap * self.plan.kv_budget * self.corpus.n_tokens
+            assert bool((pinned_keys <= cap).all())  # the pins' bound per KV head
             sel, pins = out[1], self.pins[layer_idx][None]
             if self.plan.selection == "threshold":
                 reads.append(bool((sel | ~pins).all()))
@@ -314,3 +320,5 @@ def test_copy_window_pins_decode_reads(make_tiny_engine, monkeypatch):
         SqueezeConfig(copy_window=-1)
     with pytest.raises(ValueError, match="copy_focus"):
         SqueezeConfig(copy_focus=0.01)
+    with pytest.raises(ValueError, match="copy_cap"):
+        SqueezeConfig(copy_cap=0)
