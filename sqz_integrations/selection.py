@@ -278,8 +278,8 @@ class CorpusRead:
         cfg = self.corpus.config
         if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
             # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
-            # it focused on and of the keys that follow them
-            # a bound, not a budget: the pins must not turn a sparse read into a full one (SqueezeConfig.copy_cap)
+            # it focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from
+            # turning a sparse read into a full one (SqueezeConfig.copy_cap)
             cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
             self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
@@ -337,7 +337,7 @@ class CorpusRead:
 
     @property
     def centroids_scored(self) -> float:
-        """Centroids scored per KV head, summed over layers and steps."""
+        """Centroids scored, over the KV heads of a batch row, summed over layers and steps."""
         return self._scored_host + float(self._scored_dev)
 
     def commit(self) -> None:
