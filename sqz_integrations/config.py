@@ -86,7 +86,8 @@ class SqueezeConfig:
         (``kv_budget`` x corpus tokens), the clusters ranked by the attention share that pinned them: a
         model whose heads all focus sharply would otherwise pin the whole corpus. Measured (the accuracy
         benchmark's 1K-4K cases, flat, found at 0.25 / 0.125 / 0.0625): cap 1: 40 / 42 / 42, uncapped 40 / 43
-        / 46; the cap of 1 dropped needles at 1K tokens, where the budget is 64-128 keys.
+        / 46, cap 4: the same answers as uncapped; the cap of 1 dropped needles at 1K tokens, where the
+        budget is 64-128 keys.
     system_prompt: the system message placed before the corpus in the chat template.
     """
 
