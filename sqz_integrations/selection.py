@@ -203,7 +203,6 @@ class CorpusRead:
         # kernel launches. Per layer, the selected keys summed over steps and (batch row, KV head) rows;
         # divided by the rows per step and completed with the always-read keys when read out.
         self.selected_keys = torch.zeros(n_layers, dtype=torch.float64, device=dev)
-        self._layer_index = torch.arange(n_layers, device=dev)
         self._rows = [1] * n_layers
         self._counts: dict[int, torch.Tensor] = {}  # layer -> (KVH, C) float64 cluster sizes (0 when empty)
         self.steps = [0] * n_layers
@@ -310,8 +309,7 @@ class CorpusRead:
         if counts is None:
             # exact integer sizes (exp(log_counts) is off by float32 rounding)
             counts = self._counts[layer_idx] = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).double()
-        idx = self._layer_index[layer_idx:layer_idx + 1]
-        self.selected_keys.index_add_(0, idx, torch.sum(selected * counts, dtype=torch.float64).view(1))
+        self.selected_keys[layer_idx:layer_idx + 1].add_(torch.sum(selected * counts, dtype=torch.float64))
         self._rows[layer_idx] = selected.shape[0] * selected.shape[1]
         self.steps[layer_idx] += 1
         if scores is None:  # a read of everything scores no centroid
