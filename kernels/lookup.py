@@ -17,10 +17,11 @@ Two passes, everything in log2 space (``exp2`` with ``scale * log2(e)`` folded i
   mean of ``S_c`` over the rows. In prefill it recomputes the logits from the centroid tile (one
   centroid tile stays in registers while the row tiles stream from L2).
 
-Hierarchical: level 1 is scored by the flat path; the level-2 centroids of the kept level-1 clusters
-become a compact index list (:mod:`.worklist`; level-2 centroids are sorted by parent), and only those
-are ever loaded. The denominator adds the pruned level-1 clusters by their centroids (a stats pass over
-level 1 with the kept clusters excluded, written as extra partials next to the level-2 ones).
+Hierarchical: level 1 goes through the fused selection below with the level-1 offsets as its ranges, so
+its work list is the compact list of the level-2 centroids under the kept level-1 clusters (level-2
+centroids are sorted by parent), and only those are ever loaded. The denominator adds the pruned level-1
+clusters by their centroids, as extra partials next to the level-2 ones: in decode the level-1 scores pass
+writes them from its stored logits; in prefill a stats pass over level 1 with the kept clusters excluded.
 
 Selection, fused (:func:`centroid_selection`): the scores pass also applies the threshold, writes the
 selection and the selected key count of its block of clusters, and the work list's expansion
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from .hardware import PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
 from .tiles import LOG2E, _row_tile
-from .worklist import _SLOTS, _expand_markers, build_worklist, expand_worklist, select_worklist
+from .worklist import _SLOTS, _expand_markers, check_pins, expand_worklist, select_worklist
 
 LN2 = 0.6931471805599453
 
@@ -137,18 +138,19 @@ def _stats_kernel(
 
 @triton.jit
 def _scores_kernel(
-    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM, PINS,
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM, PINS, PM_OUT, PL_OUT,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
     n_cent, n_list_ranges,
     KVH, G, T, ROWS,
-    n_split_total,
+    n_split_total, n_split_out,
     logit_scale, log_rows,
     stride_coff, log_threshold, idx_cap,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
-    EXPAND: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr,
+    EXPAND: tl.constexpr, PRUNED: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
         tl.extra.cuda.gdc_launch_dependents()
@@ -251,6 +253,23 @@ def _scores_kernel(
                             c, jm, size, local, total, base, pid_c * BLOCK_C, SLOTS)
         else:
             tl.store(flags + pid_c, total)
+        if PRUNED:
+            # Level 1 of the hierarchical lookup (decode: one tile holds every row, the logits are stored): the
+            # denominator's part over this block's pruned clusters, per row, as one more (max, sum) partial next
+            # to the level-2 stats pass's, so level 1 is not read a second time for it. From the stored logits
+            # (the same floats the stats pass summed), weighted by the counts like in _stats_kernel.
+            prow = tl.arange(0, BLOCK_M)
+            prm = prow < ROWS
+            lg = tl.load(LOGITS + row.to(tl.int64) * ROWS * n_cent + prow[None, :] * n_cent + c[:, None],
+                         mask=prm[None, :] & jm[:, None], other=float("-inf"))  # (BLOCK_C, BLOCK_M)
+            pw = lg + (lw * 1.4426950408889634)[:, None]
+            pw = tl.where((jm & (keep == 0))[:, None] & prm[None, :], pw, float("-inf"))
+            pmax = tl.max(pw, 0)
+            psafe = tl.where(pmax == float("-inf"), 0.0, pmax)
+            psum = tl.sum(tl.exp2(pw - psafe[None, :]), 0)
+            pout = (row.to(tl.int64) * n_split_out + pid_c) * ROWS + prow
+            tl.store(PM_OUT + pout, pmax, mask=prm)
+            tl.store(PL_OUT + pout, psum, mask=prm)
 
 
 @dataclass(frozen=True)
@@ -361,11 +380,14 @@ def _scores_block_c(rq: _Rows) -> int:
 
 
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
-            select=None, pdl=False):
+            select=None, pdl=False, pruned=None):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
     log_threshold, worklist, pins)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
-    the stats pass zeroed; with ``pins`` (int8 (KVH, C), contiguous, not None) the pinned clusters too."""
+    the stats pass zeroed; with ``pins`` (int8 (KVH, C), contiguous, not None) the pinned clusters too.
+    ``pruned = (m_out, l_out)`` (with ``select``, from stored logits, rows in one tile): also each block's
+    (max, sum) partial of the unselected clusters, at split ``block`` of ``m_out``/``l_out``
+    ``(B * KVH, splits, rows)`` (level 1 of the hierarchical lookup)."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
@@ -383,21 +405,25 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     dummy = m_buf
     sel, sums, c_offs, thr, wl, pins = select if select is not None else (dummy, dummy, dummy, 0.0, None, None)
     idx, cum = wl if wl is not None else (dummy, dummy)
+    if pruned is not None and (select is None or not from_logits or block_m < rq.rows):
+        raise ValueError("pruned partials need the selection, stored logits and every row in one tile")
+    pm_out, pl_out = pruned if pruned is not None else (dummy, dummy)
     _scores_kernel[grid](
         rq.q, cent, logn,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
         m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs, idx, cum,
-        pins if pins is not None else dummy,
+        pins if pins is not None else dummy, pm_out, pl_out,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
-        n_split_total,
+        n_split_total, pm_out.shape[1] if pruned is not None else 0,
         scale * LOG2E, math.log(rq.rows),
         c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
-        EXPAND=wl is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS, PDL=pdl,
+        EXPAND=wl is not None, PRUNED=pruned is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
+        PDL=pdl,
         num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
 
@@ -426,7 +452,7 @@ def centroid_scores(
     return out
 
 
-def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
+def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None, pruned=None):
     n_cent = cent.shape[1]
     ns, stages = rq.flat_stats_launch(n_cent)
     m_buf = torch.empty(rq.b * rq.kvh, ns, rq.rows, dtype=torch.float32, device=rq.q.device)
@@ -438,7 +464,7 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None):
     # at any cluster count (measurements in hardware.py)
     pdl = rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and use_pdl(rq.q.device)
     _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl, stages=stages)
-    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl)
+    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl, pruned=pruned)
 
 
 def centroid_selection(
@@ -462,24 +488,25 @@ def centroid_selection(
         raise ValueError(f"cluster_offsets {tuple(cluster_offsets.shape)} must be (kv_heads, clusters + 1), "
                          f"clusters >= 1")
     cent, logn = _prep(centroids, log_counts)
-    offs = cluster_offsets.contiguous()
-    dev = q.device
-    if pins is not None:
-        if pins.shape != (kvh, n_cent) or pins.dtype != torch.bool:
-            raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kvh, n_cent)} tensor, got "
-                             f"{pins.dtype} {tuple(pins.shape)}")
-        pins = pins.contiguous().view(torch.int8)
-    scores = torch.empty(rq.b, kvh, n_cent, dtype=torch.float32, device=dev)
-    selected = torch.empty(rq.b, kvh, n_cent, dtype=torch.bool, device=dev)
+    return _selection(rq, cent, logn, scale, cluster_offsets.contiguous(), log_threshold, n_keys,
+                      check_pins(pins, kvh, n_cent))
+
+
+def _selection(rq: _Rows, cent, logn, scale, offs, log_threshold, n_keys, pins=None, pruned=None):
+    """centroid_selection on checked, prepared inputs; ``pruned``: see :func:`_scores` (decode only)."""
+    n_cent, dev = cent.shape[1], rq.q.device
+    scores = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.float32, device=dev)
+    selected = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.bool, device=dev)
     block_c = _scores_block_c(rq)
-    sums = torch.empty(rq.b * kvh, triton.cdiv(n_cent, block_c), dtype=torch.int32, device=dev)
+    sums = torch.empty(rq.b * rq.kvh, triton.cdiv(n_cent, block_c), dtype=torch.int32, device=dev)
     sel = selected.view(torch.int8)
     if _FUSE_EXPAND and rq.decode:
-        cum = torch.empty(rq.b, kvh, n_cent, dtype=torch.int32, device=dev)
-        idx = torch.empty(rq.b, kvh, max(n_keys, 1), dtype=torch.int32, device=dev)
-        _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum), pins))
+        cum = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.int32, device=dev)
+        idx = torch.empty(rq.b, rq.kvh, max(n_keys, 1), dtype=torch.int32, device=dev)
+        _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum), pins),
+                     pruned=pruned)
         return scores, selected, (idx, cum)
-    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None, pins))
+    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None, pins), pruned=pruned)
     return scores, selected, expand_worklist(sel, offs, sums, block_c, n_keys)
 
 
@@ -513,17 +540,19 @@ def hierarchical_centroid_scores(
     l1_cent, l1_logn = _prep(l1_centroids, l1_log_counts)
     cent, logn = _prep(centroids, log_counts)
 
-    # level 1: the flat lookup, then the kept level-1 clusters
-    l1_keep = centroid_scores(q, l1_cent, l1_logn, scale, config=config) >= l1_log_threshold  # B, KVH, P
-    # the level-2 centroids to score, compact per row
-    lst, lcum = build_worklist(l1_keep, l1_offsets, n_l2)
-
-    # denominator partials: pruned level-1 clusters (splits [0, ns1)) + listed level-2 ([ns1, ns1 + ns2))
-    ns1, ns2 = rq.splits(n_l1), rq.splits(n_l2)
+    # Level 1: the fused selection with the level-1 offsets as its "clusters": its work list is the list of
+    # level-2 centroids under the kept level-1 clusters (idx = level-2 ids, cum = their running count).
+    # Denominator partials: the pruned level-1 clusters (splits [0, ns1)), then the listed level-2 ones
+    # ([ns1, ns1 + ns2)). In decode the level-1 scores pass writes the pruned partials from its stored logits
+    # (one per block of level-1 clusters); in prefill a stats pass over level 1 with the kept ones excluded.
+    ns2 = rq.splits(n_l2)
+    ns1 = triton.cdiv(n_l1, _scores_block_c(rq)) if rq.decode else rq.splits(n_l1)
     m_buf = torch.empty(rq.b * kvh, ns1 + ns2, rq.rows, dtype=torch.float32, device=q.device)
     l_buf = torch.empty_like(m_buf)
-    _stats(rq, l1_cent, l1_logn, m_buf, l_buf, 0, ns1 + ns2, ns1, None, scale,
-           excl=l1_keep.view(torch.int8))
+    _, l1_keep, (lst, lcum) = _selection(rq, l1_cent, l1_logn, scale, l1_offsets.contiguous(), l1_log_threshold,
+                                         n_l2, pruned=(m_buf, l_buf) if rq.decode else None)
+    if not rq.decode:
+        _stats(rq, l1_cent, l1_logn, m_buf, l_buf, 0, ns1 + ns2, ns1, None, scale, excl=l1_keep.view(torch.int8))
     logits = (torch.empty(rq.b * kvh, rq.rows, n_l2, dtype=torch.float32, device=q.device)
               if rq.decode else None)
     _stats(rq, cent, logn, m_buf, l_buf, ns1, ns1 + ns2, ns2, logits, scale, lst=lst, lcum=lcum)
@@ -544,11 +573,12 @@ def hierarchical_centroid_selection(
     log_threshold: float,
     n_keys: int,
     *,
+    pins: torch.Tensor | None = None,
     config: LookupConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.hierarchical_centroid_selection`: the hierarchical
-    lookup, then the threshold selection folded into the work list's first launch."""
+    lookup, then the threshold selection (OR ``pins``) folded into the work list's first launch."""
     scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts, scale,
                                           l1_log_threshold, config=config)
-    selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys)
+    selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins)
     return scores, selected, worklist

@@ -174,10 +174,14 @@ def build_worklist(
 
 
 def select_worklist(
-    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int
+    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
+    *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``select_clusters(..., log_threshold=...)`` and :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
+    """``select_clusters(..., log_threshold=...)`` (OR the non-empty ``pins``, ``(kv_heads, clusters)`` bool) and
+    :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
     selected = select_clusters(log_scores, log_counts, log_threshold=log_threshold)
+    if pins is not None:
+        selected = selected | (pins & ~torch.isinf(log_counts))[None]
     return selected, build_worklist(selected, offsets, capacity)
 
 
@@ -191,10 +195,7 @@ def centroid_selection(
     n_keys))``. ``pins`` (``(kv_heads, clusters)`` bool): clusters selected for every row whatever their
     score (non-empty ones). The work list goes to ``squeezed_attention(..., worklist=...)``."""
     scores = centroid_scores(q, centroids, log_counts, scale)
-    selected = select_clusters(scores, log_counts, log_threshold=log_threshold)
-    if pins is not None:
-        selected = selected | (pins & ~torch.isinf(log_counts))[None]
-    return scores, selected, build_worklist(selected, cluster_offsets, n_keys)
+    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
 
 
 def hierarchical_centroid_selection(
@@ -209,12 +210,14 @@ def hierarchical_centroid_selection(
     cluster_offsets: torch.Tensor,
     log_threshold: float,
     n_keys: int,
+    *,
+    pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`centroid_selection` with the hierarchical lookup."""
+    """:func:`centroid_selection` with the hierarchical lookup (``pins``: the same; a pinned cluster under a
+    pruned level-1 cluster is read too, its score stays ``-inf``)."""
     scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts,
                                           scale, l1_log_threshold)
-    selected = select_clusters(scores, log_counts, log_threshold=log_threshold)
-    return scores, selected, build_worklist(selected, cluster_offsets, n_keys)
+    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
 
 
 def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int) -> torch.Tensor:

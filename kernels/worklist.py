@@ -57,8 +57,8 @@ def _sizes(SEL, OFFS, row, off_row, stride_off, n_ranges, k, CHUNK: tl.constexpr
 
 
 @triton.jit
-def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, n_ranges, n_chunks, offset_rows, stride_off,
-                      log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr):
+def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, n_ranges, n_chunks, offset_rows, stride_off,
+                      log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr, HAS_PINS: tl.constexpr):
     row = tl.program_id(0)
     k = tl.program_id(1)
     if FROM_SCORES:
@@ -69,6 +69,9 @@ def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, n_ranges, n_chunks, o
         lc = tl.load(LOG_COUNTS + (row % offset_rows) * n_ranges + c, mask=cm, other=float("-inf"))
         inf = float("inf")
         keep = (s > -inf) & (s < inf) & (lc > -inf) & (lc < inf) & (s >= log_threshold)
+        if HAS_PINS:  # ranges every row of this KV head reads whatever their score (the engine's copy pins)
+            pin = tl.load(PINS + (row % offset_rows) * n_ranges + c, mask=cm, other=0)
+            keep = keep | ((pin != 0) & (lc > -inf) & (lc < inf))
         tl.store(SEL + row.to(tl.int64) * n_ranges + c, keep.to(tl.int8), mask=cm)
         lo = tl.load(OFFS + (row % offset_rows) * stride_off + c, mask=cm, other=0)
         hi = tl.load(OFFS + (row % offset_rows) * stride_off + c + 1, mask=cm, other=0)
@@ -195,18 +198,30 @@ def build_worklist(
     sel = selected.contiguous().view(torch.int8)
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=selected.device)
-    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, n, n_chunks, kvh, offsets.stride(0), 0.0,
-                                           CHUNK=_CHUNK, FROM_SCORES=False)
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, sel, n, n_chunks, kvh, offsets.stride(0),
+                                           0.0, CHUNK=_CHUNK, FROM_SCORES=False, HAS_PINS=False)
     return expand_worklist(sel, offsets, sums, _CHUNK, capacity)
 
 
+def check_pins(pins: torch.Tensor | None, kv_heads: int, n_ranges: int) -> torch.Tensor | None:
+    """``pins`` ``(kv_heads, ranges)`` bool -> its contiguous int8 view for the kernels (``None`` stays)."""
+    if pins is None:
+        return None
+    if pins.shape != (kv_heads, n_ranges) or pins.dtype != torch.bool:
+        raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kv_heads, n_ranges)} tensor, got "
+                         f"{pins.dtype} {tuple(pins.shape)}")
+    return pins.contiguous().view(torch.int8)
+
+
 def select_worklist(
-    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int
+    log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
+    *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``select_clusters(log_scores, log_counts, log_threshold=...)`` and :func:`build_worklist` of it in
-    two launches instead of three: ``(selected, (idx, cum))``."""
+    """``select_clusters(log_scores, log_counts, log_threshold=...)`` (OR the non-empty ``pins``) and
+    :func:`build_worklist` of it in two launches instead of three: ``(selected, (idx, cum))``."""
     b, kvh, n = log_scores.shape
     _check(log_scores.shape, offsets)
+    pins = check_pins(pins, kvh, n)
     offsets = offsets.contiguous()
     scores = log_scores.to(torch.float32).contiguous()
     counts = log_counts.to(torch.float32).contiguous()
@@ -214,6 +229,7 @@ def select_worklist(
     sel = selected.view(torch.int8)
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=log_scores.device)
-    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, n, n_chunks, kvh, offsets.stride(0),
-                                           float(log_threshold), CHUNK=_CHUNK, FROM_SCORES=True)
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, pins if pins is not None else sel,
+                                           n, n_chunks, kvh, offsets.stride(0), float(log_threshold),
+                                           CHUNK=_CHUNK, FROM_SCORES=True, HAS_PINS=pins is not None)
     return selected, expand_worklist(sel, offsets, sums, _CHUNK, capacity)

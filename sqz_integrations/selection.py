@@ -225,14 +225,14 @@ class CorpusRead:
         if dense:  # no lookup at all: every cluster, and one work list for the whole call
             return (None, *self._read_all(layer_idx, q.shape[0]))
         pins = self.pins.get(layer_idx) if kind == 0 else None
-        if plan.fused and dense_heads is None and plan.selection == "threshold" and not (pins is not None and plan.hierarchical):
+        if plan.fused and dense_heads is None and plan.selection == "threshold":
             # Triton: lookup + threshold (+ the pins) + work list in one entry point (2-3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
                 return be.hierarchical_centroid_selection(
                     q, layer.l1_centroids, layer.l1_log_counts, layer.l1_offsets, layer.centroids,
                     layer.log_counts, scale, plan.l1_log_threshold[kind], layer.cluster_offsets,
-                    plan.log_threshold[kind], n_keys,
+                    plan.log_threshold[kind], n_keys, pins=pins,
                 )
             return be.centroid_selection(
                 q, layer.centroids, layer.log_counts, scale, layer.cluster_offsets, plan.log_threshold[kind], n_keys,

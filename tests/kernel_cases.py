@@ -45,6 +45,8 @@ _case("lookup-d128-centroids16", kind="lookup", b=1, kvh=1, g=4, t=2, d=128, c=7
 _case("lookup-decode-many-clusters", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500, dtype="float32")
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
 _case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
+# 600 level-1 clusters: 3 level-1 scores blocks of 256 in decode, each writing the partial of its pruned clusters
+_case("hier-decode-blocks", kind="hier", b=1, kvh=2, g=4, t=1, d=32, c=1500, p=600, dtype="float16")
 _case("selection-decode", kind="selection", b=2, kvh=2, g=4, t=1, d=64, c=150, n=1201, tail=5, m=20,
       dtype="float16")
 # 600 clusters: 3 scores blocks of 256 per row, so the fused work-list expansion waits on earlier blocks
@@ -60,6 +62,10 @@ _case("selection-prefill-pins", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=
       dtype="float32", pins=0.05)
 _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
       dtype="float32", p=9)
+# decode, hierarchical: 2 level-1 scores blocks (pruned partials from each); with pins, some under pruned
+# level-1 clusters (scores -inf), ORed in the selection's first launch
+_case("selection-decode-hier", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=700, n=4001, tail=4, m=8,
+      dtype="float16", p=300, pins=0.05)
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
 _case("select-budget", kind="select_budget", b=2, kvh=3, c=41)
 _case("worklist", kind="worklist", b=3, kvh=2, c=29, n=301)
@@ -112,6 +118,8 @@ GPU_CASES: dict[str, dict] = {
                                   m=300),
     "real-selection-decode-pins": dict(kind="selection", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                        tail=100, m=300, pins=0.02),
+    "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
+                                            tail=100, m=300, p=328, pins=0.02),
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
@@ -248,24 +256,25 @@ def _selection_case(name, p, device, dtype, gen, tol):
     keys, values, offs, cent, logn = corpus(kvh, c, n, tail, d, dtype, device, gen)
     q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
     scale = d ** -0.5
+    pins = (torch.rand(kvh, c, generator=gen) < p["pins"]).to(device) if "pins" in p else None
     if "p" in p:
         l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
         l1_thr = _mid_gap_threshold(ref.centroid_scores(q, l1_cent, l1_logn, scale), 0.3, 0.7)
-        want_s = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr)
-        thr = _mid_gap_threshold(want_s, 0.5, 0.9)
-        got = tri.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
-        want = ref.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n)
+        scores = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr)
+        thr = _mid_gap_threshold(scores, 0.5, 0.9)
+        got = tri.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n,
+                                                  pins=pins)
+        want = ref.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr,
+                                                   n, pins=pins)
     else:
-        flat = ref.centroid_scores(q, cent, logn, scale)
-        thr = _mid_gap_threshold(flat)
-        pins = None
-        if "pins" in p:
-            pins = (torch.rand(kvh, c, generator=gen) < p["pins"]).to(device)
-            if not bool((pins[None] & (flat < thr)).any()):
-                return f"{name}: no pin below the threshold, nothing to test"
+        scores = ref.centroid_scores(q, cent, logn, scale)
+        thr = _mid_gap_threshold(scores)
         got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
         want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
-        if pins is not None and not bool((want[1] | ~(pins & torch.isfinite(logn))[None]).all()):
+    if pins is not None:
+        if not bool((pins[None] & (scores < thr)).any()):
+            return f"{name}: no pin below the threshold, nothing to test"
+        if not bool((want[1] | ~(pins & torch.isfinite(logn))[None]).all()):
             return f"{name}: the twin dropped a pinned cluster"
     (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
     msg = _report(f"{name} scores", gs, ws, *tol["score"])

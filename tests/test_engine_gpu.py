@@ -329,10 +329,9 @@ def check_answer(w: World) -> None:
 
 def check_copy_pins_fused(w: World, monkeypatch) -> None:
     """With the default ``copy_window``, decode steps on Triton take the fused lookup (its work list comes
-    back) except in layers with a retrieval head read in full, and still read every pinned cluster; the torch
-    twin reads its pins too (always unfused)."""
+    back), flat and hierarchical, except in layers with a retrieval head read in full, and still read every
+    pinned cluster; the torch twin reads its pins too (always unfused)."""
     e = w.engine
-    assert e.get_corpus(w.flat).config.copy_window > 0
     seen = {"fused_pinned": 0, "pinned": 0, "fusable": 0}
     original = CorpusRead.lookup
 
@@ -348,13 +347,16 @@ def check_copy_pins_fused(w: World, monkeypatch) -> None:
         return scores, selected, worklist
 
     monkeypatch.setattr(CorpusRead, "lookup", lookup)
-    e.answer(QUESTION, w.flat, max_new_tokens=6)
-    _report(world=w.name, check="copy_pins_fused", **seen)
-    assert seen["fusable"] > 0 and seen["fused_pinned"] == seen["fusable"]
-    twin = f"{w.flat}-torch"  # build_world adds the torch twin of every corpus
-    seen.update(pinned=0, fused_pinned=0, fusable=0)
-    e.answer(QUESTION, twin, max_new_tokens=6)
-    assert seen["pinned"] > 0 and seen["fused_pinned"] == 0
+    for corpus in (w.flat, w.hier):
+        assert e.get_corpus(corpus).config.copy_window > 0
+        seen.update(pinned=0, fused_pinned=0, fusable=0)
+        e.answer(QUESTION, corpus, max_new_tokens=6)
+        _report(world=w.name, check="copy_pins_fused", corpus=corpus, **seen)
+        assert seen["fusable"] > 0 and seen["fused_pinned"] == seen["fusable"]
+        twin = f"{corpus}-torch"  # build_world adds the torch twin of every corpus
+        seen.update(pinned=0, fused_pinned=0, fusable=0)
+        e.answer(QUESTION, twin, max_new_tokens=6)
+        assert seen["pinned"] > 0 and seen["fused_pinned"] == 0
 
 
 # ----------------------------------------------------------------------------------------------- tests
