@@ -306,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy-window", type=int, default=None,
                    help="SqueezeConfig.copy_window for the squeezed systems (default: the engine's)")
     p.add_argument("--copy-focus", type=float, default=None, help="SqueezeConfig.copy_focus (with --copy-window)")
+    p.add_argument("--retrieval-share", type=float, default=None,
+                   help="SqueezeConfig.retrieval_share for the squeezed systems (default: the engine's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: the engine and the kvpress runner each take one core; "
                         "on a shared CPU, more threads than free cores make torch spin)")
@@ -369,7 +371,8 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    overrides = {k: v for k, v in (("copy_window", args.copy_window), ("copy_focus", args.copy_focus)) if v is not None}
+    overrides = {k: v for k, v in (("copy_window", args.copy_window), ("copy_focus", args.copy_focus),
+                                   ("retrieval_share", args.retrieval_share)) if v is not None}
     engine = SqueezedEngine.from_pretrained(config=SqueezeConfig(hierarchical=True, sources=False, **overrides))
     cases = niah.make_cases(engine.tokenizer, args.cases, args.depths, args.kinds, args.seed)
     if args.shard:  # every case is drawn (same seed, same cases as a whole run), then this shard's share
