@@ -25,9 +25,17 @@ def _kmeans_pp_init(xn: torch.Tensor, k: int, weights: torch.Tensor, gen: torch.
     """k-means++ seeding on the unit sphere (distance = 1 - cosine), batched over B."""
     b, n, _ = xn.shape
     rows = torch.arange(b, device=xn.device)
+    # (B, 1, D) x (B, D, N): the same dot products as einsum("bnd,bd->bn"), bit for bit on CPU, but one
+    # BLAS gemm with the points along the output instead of a matrix-vector product per row: 11x faster
+    # per seeding step on CPU (3 x 4000 x 64: 0.057 against 0.64 ms), and seeding is k sequential steps
+    xt = xn.transpose(1, 2).contiguous()
+
+    def cosine(c: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(c.unsqueeze(1), xt).squeeze(1)
+
     first = torch.multinomial(weights, 1, generator=gen).squeeze(1)
     centers = [xn[rows, first]]
-    closest = (1.0 - torch.einsum("bnd,bd->bn", xn, centers[0])).clamp_min(0.0)
+    closest = (1.0 - cosine(centers[0])).clamp_min(0.0)
     for _ in range(1, k):
         prob = closest.square() * weights
         # All points coincide with a centre already (duplicates): fall back to the weights.
@@ -35,7 +43,7 @@ def _kmeans_pp_init(xn: torch.Tensor, k: int, weights: torch.Tensor, gen: torch.
         idx = torch.multinomial(prob, 1, generator=gen).squeeze(1)
         c = xn[rows, idx]
         centers.append(c)
-        closest = torch.minimum(closest, (1.0 - torch.einsum("bnd,bd->bn", xn, c)).clamp_min(0.0))
+        closest = torch.minimum(closest, (1.0 - cosine(c)).clamp_min(0.0))
     return torch.stack(centers, dim=1)
 
 
