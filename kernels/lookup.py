@@ -150,7 +150,7 @@ def _scores_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
     EXPAND: tl.constexpr, PRUNED: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, REDUCE_MAX: tl.constexpr,
 ):
     if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
         tl.extra.cuda.gdc_launch_dependents()
@@ -213,7 +213,10 @@ def _scores_kernel(
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
         col_sum = col_sum * tl.exp2(col_max - safe) + tl.sum(tl.exp2(x - safe[:, None]), 1)
         col_max = new_max
-    score = (col_max + tl.log2(col_sum)) * 0.6931471805599453 - log_rows
+    if REDUCE_MAX:  # the largest log share any row gives the centroid (key_max_logprob), not the mean
+        score = col_max * 0.6931471805599453
+    else:
+        score = (col_max + tl.log2(col_sum)) * 0.6931471805599453 - log_rows
     score = tl.where(lw == float("-inf"), float("-inf"), score)
     tl.store(OUT + row.to(tl.int64) * n_cent + c, score, mask=jm)
     if SELECT:
@@ -380,14 +383,15 @@ def _scores_block_c(rq: _Rows) -> int:
 
 
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
-            select=None, pdl=False, pruned=None):
+            select=None, pdl=False, pruned=None, reduce_max=False):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
     log_threshold, worklist, pins)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
     the stats pass zeroed; with ``pins`` (int8 (KVH, C), contiguous, not None) the pinned clusters too.
     ``pruned = (m_out, l_out)`` (with ``select``, from stored logits, rows in one tile): also each block's
     (max, sum) partial of the unselected clusters, at split ``block`` of ``m_out``/``l_out``
-    ``(B * KVH, splits, rows)`` (level 1 of the hierarchical lookup)."""
+    ``(B * KVH, splits, rows)`` (level 1 of the hierarchical lookup). ``reduce_max``: each centroid's largest
+    log share over the rows instead of the log of the mean."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
@@ -423,7 +427,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
         EXPAND=wl is not None, PRUNED=pruned is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
-        PDL=pdl,
+        PDL=pdl, REDUCE_MAX=reduce_max,
         num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
 
@@ -582,3 +586,51 @@ def hierarchical_centroid_selection(
                                           l1_log_threshold, config=config)
     selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins)
     return scores, selected, worklist
+
+
+def key_max_logprob(
+    q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tensor, scale: float, *, config: LookupConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`sqz_kernels.reference.key_max_logprob`: ``(kv_heads, n_keys)`` float32, per corpus
+    key the largest log attention probability a query of ``q`` gives it.
+
+    The flat lookup's two passes with the keys as centroids of one key each (log counts 0): the stats pass
+    gives every row's log-denominator over the corpus keys, the row's causal dynamic keys join it as one more
+    partial (computed in torch: the question's own tokens, few), and the scores pass keeps each key's largest
+    log share over the rows. Two reads of the keys and no ``(rows, keys)`` logits in memory (at most 16 rows
+    store theirs, as the decode lookup does), where the torch twin's sliced q.K materialises them.
+    """
+    kvh, n, d = keys.shape
+    rq = _Rows(q, kvh, config)
+    if dyn_keys.dim() != 4 or dyn_keys.shape[:2] != (rq.b, kvh) or dyn_keys.shape[3] != d:
+        raise ValueError(f"dyn_keys {tuple(dyn_keys.shape)} must be (batch, kv_heads, m, head_dim) = "
+                         f"({rq.b}, {kvh}, m, {d})")
+    if dyn_keys.shape[2] < rq.t:
+        raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {rq.t} query tokens")
+    dev = q.device
+    logn = torch.zeros(kvh, n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return logn
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    ns = rq.splits(n)
+    m_buf = torch.empty(rq.b * kvh, ns + 1, rq.rows, dtype=torch.float32, device=dev)
+    l_buf = torch.empty_like(m_buf)
+    m_buf[:, ns] = _dynamic_lse(q, dyn_keys, scale).view(rq.b * kvh, rq.rows) * LOG2E
+    l_buf[:, ns] = 1.0
+    logits = torch.empty(rq.b * kvh, rq.rows, n, dtype=torch.float32, device=dev) if rq.decode else None
+    _stats(rq, keys, logn, m_buf, l_buf, 0, ns + 1, ns, logits, scale)
+    out = torch.empty(rq.b, kvh, n, dtype=torch.float32, device=dev)
+    _scores(rq, keys, logn, m_buf, l_buf, ns + 1, logits, out, scale, reduce_max=True)
+    return out.amax(dim=0)
+
+
+def _dynamic_lse(q: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, KVH, G * T)`` float32: each query row's log-sum-exp over the dynamic keys it sees (the last ``T``
+    are the query tokens themselves, causal), rows ordered ``g * T + t`` as the lookup's."""
+    b, h, t, d = q.shape
+    kvh, m = dyn_keys.shape[1], dyn_keys.shape[2]
+    qg = q.reshape(b, kvh, h // kvh, t, d).to(dyn_keys.dtype)
+    s = torch.matmul(qg, dyn_keys.transpose(-1, -2).unsqueeze(2)).float() * scale  # B, KVH, G, T, M
+    pos = torch.arange(t, device=q.device) + (m - t)
+    s = s.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
+    return torch.logsumexp(s, dim=-1).reshape(b, kvh, (h // kvh) * t)

@@ -220,6 +220,50 @@ def hierarchical_centroid_selection(
     return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
 
 
+# Largest logits slice (float32 elements) log_attention materialises at once: 2**26 is 256 MB.
+MAX_LOGITS = 2**26
+
+
+def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
+                  keep: torch.Tensor | None = None):
+    """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``: yields
+    ``(t0, t1, logp)`` over slices of the query tokens, ``logp`` ``(B, KVH, G, t1 - t0, N)`` float32 the log
+    probability of each corpus key (softmax over the corpus keys, only those in ``keep`` ``(B, KVH, N)`` if
+    given, and the causal dynamic keys ``dyn_k``).
+
+    q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
+    slice holds at most ``MAX_LOGITS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
+    b, h, t, d = q.shape
+    kvh, n, _ = keys.shape
+    g, m = h // kvh, dyn_k.shape[2]
+    qg = q.reshape(b, kvh, g, t, d).to(keys.dtype)
+    keys_t = keys.transpose(-1, -2)[None, :, None]  # 1, KVH, 1, D, N
+    dyn_t = dyn_k.to(keys.dtype).transpose(-1, -2).unsqueeze(2)  # B, KVH, 1, D, M
+    dropped = None if keep is None else ~keep[:, :, None, None, :]
+    step = max(1, MAX_LOGITS // (b * h * (n + m)))
+    for t0 in range(0, t, step):
+        t1 = min(t, t0 + step)
+        qs = qg[:, :, :, t0:t1]
+        s = torch.matmul(qs, keys_t).float() * scale  # B, KVH, G, T', N
+        if dropped is not None:
+            s = s.masked_fill(dropped, float("-inf"))
+        sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, G, T', M
+        pos = torch.arange(t0, t1, device=q.device) + (m - t)
+        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        yield t0, t1, s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1)
+
+
+def key_max_logprob(q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per KV head and corpus key, the largest log attention probability any query gives it: the max over the
+    batch rows, the group's query heads and the tokens of :func:`log_attention`. ``(kv_heads, n_keys)`` float32.
+    The engine's copy pins (``SqueezeConfig.copy_window``) are the keys where it reaches ``log(copy_focus)``."""
+    kvh, n, _ = keys.shape
+    best = torch.full((kvh, n), NEG_INF, device=q.device)
+    for *_, logp in log_attention(q, keys, dyn_keys, scale):
+        best = torch.maximum(best, logp.amax(dim=(0, 2, 3)))
+    return best
+
+
 def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int) -> torch.Tensor:
     """Selected clusters -> ``(batch, kv_heads, n_keys)`` bool over the corpus keys, always-kept keys True."""
     b, kvh, c = selected.shape

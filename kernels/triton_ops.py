@@ -8,6 +8,7 @@ from .lookup import (
     centroid_selection,
     hierarchical_centroid_scores,
     hierarchical_centroid_selection,
+    key_max_logprob,
 )
 from .merge import merge_attention
 from .reference import cluster_key_mask
@@ -25,6 +26,7 @@ __all__ = [
     "cluster_key_mask",
     "hierarchical_centroid_scores",
     "hierarchical_centroid_selection",
+    "key_max_logprob",
     "merge_attention",
     "select_clusters",
     "select_worklist",

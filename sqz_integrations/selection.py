@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from sqz_kernels import reference
+from sqz_kernels.reference import log_attention
 
 from .config import check_budget
 from .corpus import SqueezedCorpus, budget_keys
@@ -23,39 +24,6 @@ from .corpus import SqueezedCorpus, budget_keys
 _MEASURE_MAX_TOKENS = 64
 # A key counts for the sources when one head gives it at least this share of its attention.
 _FOCUS = 0.05
-# Largest logits slice (float32 elements) focused_attention materialises at once: 2**26 is 256 MB.
-_MAX_ELEMENTS = 2**26
-
-
-def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
-                  keep: torch.Tensor | None = None):
-    """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``: yields
-    ``(t0, t1, logp)`` over slices of the query tokens, ``logp`` ``(B, KVH, G, t1 - t0, N)`` float32 the log
-    probability of each corpus key (softmax over the corpus keys, only those in ``keep`` ``(B, KVH, N)`` if
-    given, and the causal dynamic keys ``dyn_k``).
-
-    q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
-    slice holds at most ``_MAX_ELEMENTS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
-    b, h, t, d = q.shape
-    kvh, n, _ = keys.shape
-    g, m = h // kvh, dyn_k.shape[2]
-    qg = q.reshape(b, kvh, g, t, d).to(keys.dtype)
-    keys_t = keys.transpose(-1, -2)[None, :, None]  # 1, KVH, 1, D, N
-    dyn_t = dyn_k.to(keys.dtype).transpose(-1, -2).unsqueeze(2)  # B, KVH, 1, D, M
-    dropped = None if keep is None else ~keep[:, :, None, None, :]
-    step = max(1, _MAX_ELEMENTS // (b * h * (n + m)))
-    for t0 in range(0, t, step):
-        t1 = min(t, t0 + step)
-        qs = qg[:, :, :, t0:t1]
-        s = torch.matmul(qs, keys_t).float() * scale  # B, KVH, G, T', N
-        if dropped is not None:
-            s = s.masked_fill(dropped, float("-inf"))
-        sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, G, T', M
-        pos = torch.arange(t0, t1, device=q.device) + (m - t)
-        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
-        yield t0, t1, s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1)
-
-
 def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
                       keep: torch.Tensor | None = None):
     """:func:`log_attention` as probabilities, where a query head focuses: yields ``(t0, t1, p)``, ``p``
@@ -66,43 +34,40 @@ def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, 
 
 
 def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: float, window: int,
-              cap_keys: int | None = None) -> torch.Tensor:
+              cap_keys: int | None = None, backend=reference) -> torch.Tensor:
     """``(KVH, C)`` bool: the clusters holding each corpus key that a query head of ``q`` gives at least
     ``focus`` of its attention, and the ``window`` keys after it in token order (``SqueezeConfig.copy_window``).
     Keys outside the clusters (the always-read header and window) need no pin. ``cap_keys``: per KV head,
     at most this many keys pinned, the clusters ranked by the attention share of the key that pinned them
-    (a model whose heads all focus sharply would otherwise pin the whole corpus)."""
+    (a model whose heads all focus sharply would otherwise pin the whole corpus).
+
+    Dense over the corpus keys (no ``nonzero``, so no host sync on a GPU); the q.K pass is the backend's
+    ``key_max_logprob`` (the Triton one reads the keys twice instead of materialising every logit)."""
     kvh, n, _ = layer.keys.shape
     n_clusters = layer.cluster_offsets.shape[1] - 1
-    # per corpus key, the largest log share a query head of q gives it (max, not the sum: no exp pass)
-    best = torch.full((kvh, n), float("-inf"), device=q.device)
-    for *_, logp in log_attention(q, layer.keys, dyn_k, scale):
-        best = torch.maximum(best, logp.amax(dim=(0, 2, 3)))
-    heads, keys = (best >= math.log(focus)).nonzero(as_tuple=True)
-    if heads.numel() == 0:
-        return torch.zeros(kvh, n_clusters, dtype=torch.bool, device=q.device)
-    # every corpus token is stored once, so key_pos is a permutation of 0..n-1: position -> stored key
+    n_clustered = layer.n_clustered  # known on the host
+    neg = float("-inf")
+    # per corpus key (stored order), the largest log share a query head of q gives it, where it is focused
+    best = backend.key_max_logprob(q, layer.keys, dyn_k, scale)
+    best = best.masked_fill(best < math.log(focus), neg)
+    # in token order (every corpus token is stored once: key_pos is a permutation), each key takes the
+    # largest share of the focused keys up to ``window`` tokens before it
     pos = layer.key_pos.long()
-    where = torch.empty(kvh, n, dtype=torch.long, device=q.device)
-    where.scatter_(1, pos, torch.arange(n, device=q.device).expand(kvh, n).contiguous())
-    want = (pos[heads, keys][:, None] + torch.arange(window + 1, device=q.device)).clamp_max(n - 1)
-    rows = heads[:, None].expand_as(want)
-    stored = where[rows, want]
-    log_share = best[heads, keys][:, None].expand_as(want)
-    n_clustered = layer.n_clustered  # known on the host: no device sync
-    inside = stored < n_clustered
-    rows, stored, log_share = rows[inside], stored[inside], log_share[inside]
-    # the cluster of every clustered stored key (the keys are sorted by cluster)
+    by_pos = torch.full_like(best, neg).scatter_(1, pos, best)
+    if window:
+        by_pos = torch.nn.functional.max_pool1d(
+            torch.nn.functional.pad(by_pos, (window, 0), value=neg).unsqueeze(1), window + 1, stride=1
+        ).squeeze(1)
+    share = by_pos.gather(1, pos[:, :n_clustered])  # the clustered stored keys, sorted by cluster
     cluster_of = torch.searchsorted(layer.cluster_offsets[:, 1:].contiguous(),
                                     torch.arange(n_clustered, device=q.device).expand(kvh, -1).contiguous(), right=True)
     # per cluster, the log of the largest share that pins it (-inf: not pinned)
-    pin_share = torch.full((kvh * n_clusters,), float("-inf"), device=q.device)
-    pin_share.scatter_reduce_(0, rows * n_clusters + cluster_of[rows, stored], log_share, "amax")
-    pin_share = pin_share.view(kvh, n_clusters)
+    pin_share = torch.full((kvh, n_clusters), neg, device=q.device).scatter_reduce_(1, cluster_of, share, "amax")
+    pinned = torch.isfinite(pin_share)
     if cap_keys is None:
-        return torch.isfinite(pin_share)
+        return pinned
     log_sizes = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).float().log()
-    return reference.select_clusters(pin_share[None], log_sizes, budget_keys=cap_keys)[0]
+    return reference.select_clusters(pin_share[None], log_sizes, budget_keys=cap_keys)[0] & pinned
 
 
 @dataclass(frozen=True)
@@ -280,7 +245,8 @@ class CorpusRead:
             # it focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from
             # turning a sparse read into a full one (SqueezeConfig.copy_cap)
             cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
-            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap)
+            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap,
+                                             self.plan.backend)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist

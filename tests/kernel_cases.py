@@ -66,6 +66,9 @@ _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=
 # level-1 clusters (scores -inf), ORed in the selection's first launch
 _case("selection-decode-hier", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=700, n=4001, tail=4, m=8,
       dtype="float16", p=300, pins=0.05)
+# key_max_logprob (the engine's copy pins): 27 rows (prefill tiles, logits recomputed) and 8 rows (stored logits)
+_case("keymax-prefill", kind="keymax", b=1, kvh=2, g=3, t=9, d=32, n=300, m=12, dtype="float16")
+_case("keymax-decode", kind="keymax", b=2, kvh=2, g=4, t=2, d=64, n=500, m=5, dtype="float32")
 _case("select-threshold", kind="select", b=2, kvh=3, c=41)
 _case("select-budget", kind="select_budget", b=2, kvh=3, c=41)
 _case("worklist", kind="worklist", b=3, kvh=2, c=29, n=301)
@@ -120,6 +123,7 @@ GPU_CASES: dict[str, dict] = {
                                        tail=100, m=300, pins=0.02),
     "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                             tail=100, m=300, p=328, pins=0.02),
+    "real-keymax": dict(kind="keymax", b=1, kvh=8, g=4, t=24, d=128, n=32768, m=40),
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
@@ -342,6 +346,22 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
 
     if kind == "selection":
         return _selection_case(name, p, device, dtype, gen, tol)
+
+    if kind == "keymax":
+        b, kvh, g, t, d, n, m = (p[k] for k in ("b", "kvh", "g", "t", "d", "n", "m"))
+        keys = torch.randn(kvh, n, d, generator=gen)
+        q = torch.randn(b, kvh * g, t, d, generator=gen) * 0.5
+        keys[0, 7] = q[0, 1, t - 1] * 4  # one query focuses on one key, as a copying head does
+        dk = torch.randn(b, kvh, m, d, generator=gen)
+        q, keys, dk = (x.to(getattr(torch, dtype)).to(device) for x in (q, keys, dk))
+        scale = d ** -0.5
+        got = tri.key_max_logprob(q, keys, dk, scale)
+        # the twin's q.K runs in the keys' dtype (16-bit logits on a GPU); the kernel accumulates in float32:
+        # compared with the twin on the same inputs in float32
+        want = ref.key_max_logprob(q.float(), keys.float(), dk.float(), scale)
+        if float(want[0, 7]) < math.log(0.3):
+            return f"{name}: the planted key got {math.exp(float(want[0, 7])):.3f} of its query's attention"
+        return _report(name, got, want, *tol["score"])
 
     if kind in ("select", "select_budget"):
         b, kvh, c = p["b"], p["kvh"], p["c"]

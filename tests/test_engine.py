@@ -218,12 +218,12 @@ def test_sources_off_same_answer_no_sources(make_tiny_engine):
 
 
 def test_sources_measured_in_slices_are_the_same(make_tiny_engine, monkeypatch):
-    from sqz_integrations import selection
+    from sqz_kernels import reference
 
     engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
     engine.add_corpus("docs", DOCS, progress=False)
     whole = engine.answer(QUESTION, corpus="docs", max_new_tokens=4, question_budget=0.25)
-    monkeypatch.setattr(selection, "_MAX_ELEMENTS", 1)  # one query token at a time
+    monkeypatch.setattr(reference, "MAX_LOGITS", 1)  # one query token at a time
     sliced = engine.answer(QUESTION, corpus="docs", max_new_tokens=4, question_budget=0.25)
     assert whole.token_ids == sliced.token_ids and whole.sources
     assert [s.document_index for s in whole.sources] == [s.document_index for s in sliced.sources]

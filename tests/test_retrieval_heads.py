@@ -100,11 +100,11 @@ def test_calibration_expects_the_budget_with_dense_heads(engine_and_corpus):
 
 
 def test_the_probe_in_slices_measures_the_same(make_tiny_engine, monkeypatch):
-    from sqz_integrations import selection
+    from sqz_kernels import reference
 
     config = SqueezeConfig(kv_budget=0.25, observation_window=16, retrieval_share=1.0)
     whole = make_tiny_engine("llama", config).add_corpus("docs", DOCS, progress=False).head_misses
-    monkeypatch.setattr(selection, "_MAX_ELEMENTS", 1)  # one probe token at a time
+    monkeypatch.setattr(reference, "MAX_LOGITS", 1)  # one probe token at a time
     sliced = make_tiny_engine("llama", config).add_corpus("docs", DOCS, progress=False).head_misses
     assert float(whole.sum()) > 0
     assert torch.allclose(whole, sliced, atol=1e-6)
