@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
+from .reference import check_dynamic_keys, dynamic_lse
 from .tiles import LOG2E, _row_tile
 from .worklist import _SLOTS, _expand_markers, check_pins, expand_worklist, select_worklist
 
@@ -600,37 +601,22 @@ def key_max_logprob(
     log share over the rows. Two reads of the keys and no ``(rows, keys)`` logits in memory (at most 16 rows
     store theirs, as the decode lookup does), where the torch twin's sliced q.K materialises them.
     """
+    check_dynamic_keys(q, keys, dyn_keys)
     kvh, n, d = keys.shape
     rq = _Rows(q, kvh, config)
-    if dyn_keys.dim() != 4 or dyn_keys.shape[:2] != (rq.b, kvh) or dyn_keys.shape[3] != d:
-        raise ValueError(f"dyn_keys {tuple(dyn_keys.shape)} must be (batch, kv_heads, m, head_dim) = "
-                         f"({rq.b}, {kvh}, m, {d})")
-    if dyn_keys.shape[2] < rq.t:
-        raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {rq.t} query tokens")
     dev = q.device
-    logn = torch.zeros(kvh, n, dtype=torch.float32, device=dev)
     if n == 0:
-        return logn
+        return torch.empty(kvh, 0, dtype=torch.float32, device=dev)
+    logn = torch.zeros(kvh, n, dtype=torch.float32, device=dev)  # every "centroid" is one key
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
     ns = rq.splits(n)
     m_buf = torch.empty(rq.b * kvh, ns + 1, rq.rows, dtype=torch.float32, device=dev)
     l_buf = torch.empty_like(m_buf)
-    m_buf[:, ns] = _dynamic_lse(q, dyn_keys, scale).view(rq.b * kvh, rq.rows) * LOG2E
+    # the dynamic keys' part of each row's denominator: one more partial (max = its log-sum-exp, sum = 1)
+    m_buf[:, ns] = dynamic_lse(q, dyn_keys, scale).view(rq.b * kvh, rq.rows) * LOG2E
     l_buf[:, ns] = 1.0
     logits = torch.empty(rq.b * kvh, rq.rows, n, dtype=torch.float32, device=dev) if rq.decode else None
     _stats(rq, keys, logn, m_buf, l_buf, 0, ns + 1, ns, logits, scale)
     out = torch.empty(rq.b, kvh, n, dtype=torch.float32, device=dev)
     _scores(rq, keys, logn, m_buf, l_buf, ns + 1, logits, out, scale, reduce_max=True)
     return out.amax(dim=0)
-
-
-def _dynamic_lse(q: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """``(B, KVH, G * T)`` float32: each query row's log-sum-exp over the dynamic keys it sees (the last ``T``
-    are the query tokens themselves, causal), rows ordered ``g * T + t`` as the lookup's."""
-    b, h, t, d = q.shape
-    kvh, m = dyn_keys.shape[1], dyn_keys.shape[2]
-    qg = q.reshape(b, kvh, h // kvh, t, d).to(dyn_keys.dtype)
-    s = torch.matmul(qg, dyn_keys.transpose(-1, -2).unsqueeze(2)).float() * scale  # B, KVH, G, T, M
-    pos = torch.arange(t, device=q.device) + (m - t)
-    s = s.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
-    return torch.logsumexp(s, dim=-1).reshape(b, kvh, (h // kvh) * t)

@@ -233,12 +233,12 @@ def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scal
 
     q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
     slice holds at most ``MAX_LOGITS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
+    check_dynamic_keys(q, keys, dyn_k)
     b, h, t, d = q.shape
     kvh, n, _ = keys.shape
     g, m = h // kvh, dyn_k.shape[2]
     qg = q.reshape(b, kvh, g, t, d).to(keys.dtype)
     keys_t = keys.transpose(-1, -2)[None, :, None]  # 1, KVH, 1, D, N
-    dyn_t = dyn_k.to(keys.dtype).transpose(-1, -2).unsqueeze(2)  # B, KVH, 1, D, M
     dropped = None if keep is None else ~keep[:, :, None, None, :]
     step = max(1, MAX_LOGITS // (b * h * (n + m)))
     for t0 in range(0, t, step):
@@ -247,10 +247,38 @@ def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scal
         s = torch.matmul(qs, keys_t).float() * scale  # B, KVH, G, T', N
         if dropped is not None:
             s = s.masked_fill(dropped, float("-inf"))
-        sd = torch.matmul(qs, dyn_t).float() * scale  # B, KVH, G, T', M
-        pos = torch.arange(t0, t1, device=q.device) + (m - t)
-        sd = sd.masked_fill(torch.arange(m, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        sd = _dynamic_logits(qs, dyn_k, scale, t0, t)
         yield t0, t1, s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1)
+
+
+def check_dynamic_keys(q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tensor) -> None:
+    """``dyn_keys`` must be ``(batch, kv_heads, m, head_dim)`` for ``q`` and the corpus ``keys``, ``m`` at least
+    the query's tokens (the last ``T`` dynamic keys are the query tokens themselves)."""
+    b, h, t, d = q.shape
+    kvh = keys.shape[0]
+    if keys.dim() != 3 or keys.shape[2] != d or h % kvh:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match q {tuple(q.shape)} (kv_heads, n, head_dim)")
+    if dyn_keys.dim() != 4 or dyn_keys.shape[:2] != (b, kvh) or dyn_keys.shape[3] != d:
+        raise ValueError(f"dyn_keys {tuple(dyn_keys.shape)} must be (batch, kv_heads, m, head_dim) = ({b}, {kvh}, m, {d})")
+    if dyn_keys.shape[2] < t:
+        raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {t} query tokens")
+
+
+def _dynamic_logits(qs: torch.Tensor, dyn_k: torch.Tensor, scale: float, t0: int, t: int) -> torch.Tensor:
+    """Logits ``(B, KVH, G, T', M)`` float32 of the grouped query tokens ``qs`` = tokens ``t0 : t0 + T'`` of ``t``
+    on the dynamic keys, causal (-inf on the keys after each token)."""
+    m = dyn_k.shape[2]
+    sd = torch.matmul(qs, dyn_k.to(qs.dtype).transpose(-1, -2).unsqueeze(2)).float() * scale
+    pos = torch.arange(t0, t0 + qs.shape[3], device=qs.device) + (m - t)
+    return sd.masked_fill(torch.arange(m, device=qs.device)[None, :] > pos[:, None], float("-inf"))
+
+
+def dynamic_lse(q: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, KVH, G, T)`` float32: each query's log-sum-exp over the dynamic keys it sees (causal)."""
+    b, h, t, d = q.shape
+    kvh = dyn_keys.shape[1]
+    qg = q.reshape(b, kvh, h // kvh, t, d).to(dyn_keys.dtype)
+    return torch.logsumexp(_dynamic_logits(qg, dyn_keys, scale, 0, t), dim=-1)
 
 
 def key_max_logprob(q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:

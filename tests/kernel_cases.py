@@ -361,6 +361,12 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
         want = ref.key_max_logprob(q.float(), keys.float(), dk.float(), scale)
         if float(want[0, 7]) < math.log(0.3):
             return f"{name}: the planted key got {math.exp(float(want[0, 7])):.3f} of its query's attention"
+        for fn in (tri.key_max_logprob, ref.key_max_logprob):  # fewer dynamic keys than query tokens
+            try:
+                fn(q, keys, dk[:, :, : t - 1], scale)
+                return f"{name}: {fn.__module__}.key_max_logprob took {t - 1} dynamic keys for {t} query tokens"
+            except ValueError:
+                pass
         return _report(name, got, want, *tol["score"])
 
     if kind in ("select", "select_budget"):
