@@ -43,7 +43,7 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
 
     Dense over the corpus keys (no ``nonzero``, so no host sync on a GPU); the q.K pass is the backend's
     ``key_max_logprob`` (the Triton one reads the keys twice instead of materialising every logit)."""
-    kvh, n, _ = layer.keys.shape
+    kvh = layer.keys.shape[0]
     n_clusters = layer.cluster_offsets.shape[1] - 1
     n_clustered = layer.n_clustered  # known on the host
     neg = float("-inf")
