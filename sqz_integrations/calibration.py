@@ -159,7 +159,7 @@ class Calibration:
         self.n_always = layers[0].n_always
         self.n_clustered = layers[0].n_clustered
         self.scale = scale
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cache: dict[tuple, float] = {}
         per_query = max(1, sum(l.log_counts.numel() for l in layers))
         self.n_queries = max(1, min(window_queries[0].shape[0], _MAX_SCORES // per_query))
@@ -173,8 +173,29 @@ class Calibration:
             decode_sets.append(([q.unsqueeze(2) for q in probe_decode], PROBE_SHARE))
         if probe_prefill is not None:
             prefill_sets.append((probe_prefill, PROBE_SHARE))
-        self.decode = _distribution(decode_sets, layers, scale, self.dense_layers)
-        self.prefill = _distribution(prefill_sets, layers, scale, self.dense_layers)
+        # Scored and sorted on first use: a build makes a Calibration before its probe question only to read
+        # that question over the whole corpus, which needs no threshold (on the H200 at 128K tokens the
+        # distributions' scoring and sorting took ~3 s per Calibration)
+        self._sets = {"decode": decode_sets, "prefill": prefill_sets}
+        self._layers = layers
+        self._distributions: dict[str, ScoreDistribution] = {}
+
+    def _distribution(self, kind: str) -> ScoreDistribution:
+        with self._lock:
+            if kind not in self._distributions:
+                self._distributions[kind] = _distribution(self._sets.pop(kind), self._layers, self.scale,
+                                                          self.dense_layers)
+            return self._distributions[kind]
+
+    @property
+    def decode(self) -> ScoreDistribution:
+        """The score distribution of single-token reads (each window query alone)."""
+        return self._distribution("decode")
+
+    @property
+    def prefill(self) -> ScoreDistribution:
+        """The score distribution of multi-token reads (groups of window queries averaged)."""
+        return self._distribution("prefill")
 
     def clustered_fraction(self, kv_budget: float, dense_heads: torch.Tensor | None = None) -> float:
         """Fraction of the clustered keys a budget leaves once the always-kept keys are paid for."""

@@ -253,9 +253,12 @@ class SqueezedEngine:
         question = head_probe.probe_question(
             corpus.token_ids, clustered, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         )
-        read = head_probe.MissedFocus(
-            corpus, self._plan(corpus, 1.0, False, "threshold"), self._plan(corpus, cfg.kv_budget, False, "threshold")
+        # the decode threshold of the corpus's budget (from the calibration itself, also at budget 1.0, where a
+        # read plan looks nothing up and carries no threshold)
+        threshold = corpus.calibration.log_threshold(
+            cfg.kv_budget, False, corpus.retrieval_heads(cfg.kv_budget, cfg.retrieval_share)
         )
+        read = head_probe.MissedFocus(corpus, self._plan(corpus, 1.0, False, "threshold"), threshold)
         cache = DynamicCache()
         self._forward(self.layout.suffix_ids(question), corpus.n_tokens, cache, read)
         return read.missed_per_token()

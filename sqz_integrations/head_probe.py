@@ -35,11 +35,11 @@ def probe_question(token_ids: list[int], clustered: torch.Tensor, decode) -> str
 
 class MissedFocus(CorpusRead):
     """Reads the corpus in full (``plan``) while measuring, per layer and KV head, the focused
-    attention that the selection of ``reference_plan`` (one decode-time lookup per token) drops."""
+    attention that a threshold selection at ``log_threshold`` (one decode-time lookup per token) drops."""
 
-    def __init__(self, corpus, plan: ReadPlan, reference_plan: ReadPlan):
+    def __init__(self, corpus, plan: ReadPlan, log_threshold: float):
         super().__init__(corpus, plan, track_sources=False)
-        self.reference_plan = reference_plan
+        self.log_threshold = log_threshold
         kvh = corpus.layers[0].keys.shape[0]
         self.missed = torch.zeros(len(corpus.layers), kvh, dtype=torch.float64)
         self.tokens = 0
@@ -54,7 +54,7 @@ class MissedFocus(CorpusRead):
             per_token = q[0, :, t0:t1].transpose(0, 1).unsqueeze(2)
             scores = reference.centroid_scores(per_token, layer.centroids, layer.log_counts, scale)
             selected = reference.select_clusters(
-                scores, layer.log_counts, log_threshold=self.reference_plan.log_threshold[0]
+                scores, layer.log_counts, log_threshold=self.log_threshold
             )
             dropped = ~reference.cluster_key_mask(selected, layer.cluster_offsets, n).transpose(0, 1).unsqueeze(1)
             self.missed[layer_idx] += ((p[0] * dropped).sum(dim=(1, 2, 3)) / g).double().cpu()

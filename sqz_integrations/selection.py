@@ -133,13 +133,16 @@ class ReadPlan:
             question_budget=question_budget,
             selection=selection,
             hierarchical=hierarchical,
+            # a read of the whole corpus (budget 1.0) looks nothing up: no threshold, no calibration needed
             log_threshold=(
-                tuple(cal.log_threshold(b, bool(k), dense[k]) for k, b in enumerate(budgets))
+                tuple(cal.log_threshold(b, bool(k), dense[k]) if b < 1.0 else float("-inf")
+                      for k, b in enumerate(budgets))
                 if selection == "threshold" else None
             ),
             # The level-1 threshold is always calibrated: in fixed mode it prunes the lookup the same way.
             l1_log_threshold=(
-                tuple(cal.l1_log_threshold(b, cfg.l1_recall, bool(k), dense[k]) for k, b in enumerate(budgets))
+                tuple(cal.l1_log_threshold(b, cfg.l1_recall, bool(k), dense[k]) if b < 1.0 else float("-inf")
+                      for k, b in enumerate(budgets))
                 if hierarchical else None
             ),
             budget_keys=(
