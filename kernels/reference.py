@@ -173,12 +173,21 @@ def build_worklist(
     return idx, cum
 
 
+def check_pins(pins: torch.Tensor | None, kv_heads: int, n_ranges: int) -> None:
+    """``pins`` must be ``None`` or a bool ``(kv_heads, clusters)`` tensor (a ``(clusters,)`` one would broadcast
+    over the KV heads)."""
+    if pins is not None and (pins.shape != (kv_heads, n_ranges) or pins.dtype != torch.bool):
+        raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kv_heads, n_ranges)} tensor, got "
+                         f"{pins.dtype} {tuple(pins.shape)}")
+
+
 def select_worklist(
     log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
     *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``select_clusters(..., log_threshold=...)`` (OR the non-empty ``pins``, ``(kv_heads, clusters)`` bool) and
     :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
+    check_pins(pins, *log_scores.shape[1:])
     selected = select_clusters(log_scores, log_counts, log_threshold=log_threshold)
     if pins is not None:
         selected = selected | (pins & ~torch.isinf(log_counts))[None]

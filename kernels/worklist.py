@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
+
 
 # 1024 ranges per program: 26 chunks per row for 26K clusters (512K keys at 5%), so a batch-1 row still
 # spreads over 26 programs; the chunk scan is one tl.cumsum. Not swept: the two launches together are
@@ -204,13 +206,10 @@ def build_worklist(
 
 
 def check_pins(pins: torch.Tensor | None, kv_heads: int, n_ranges: int) -> torch.Tensor | None:
-    """``pins`` ``(kv_heads, ranges)`` bool -> its contiguous int8 view for the kernels (``None`` stays)."""
-    if pins is None:
-        return None
-    if pins.shape != (kv_heads, n_ranges) or pins.dtype != torch.bool:
-        raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kv_heads, n_ranges)} tensor, got "
-                         f"{pins.dtype} {tuple(pins.shape)}")
-    return pins.contiguous().view(torch.int8)
+    """``pins`` ``(kv_heads, ranges)`` bool (checked as the torch twins check it) -> its contiguous int8 view for
+    the kernels (``None`` stays)."""
+    reference.check_pins(pins, kv_heads, n_ranges)
+    return None if pins is None else pins.contiguous().view(torch.int8)
 
 
 def select_worklist(

@@ -278,6 +278,12 @@ def _selection_case(name, p, device, dtype, gen, tol):
     if pins is not None:
         if not bool((pins[None] & (scores < thr)).any()):
             return f"{name}: no pin below the threshold, nothing to test"
+        for fn in (tri.select_worklist, ref.select_worklist):  # one head's pins would broadcast over every head
+            try:
+                fn(scores, logn, thr, offs, n, pins=pins[0])
+                return f"{name}: {fn.__module__}.select_worklist took pins of shape {tuple(pins[0].shape)}"
+            except ValueError:
+                pass
         if not bool((want[1] | ~(pins & torch.isfinite(logn))[None]).all()):
             return f"{name}: the twin dropped a pinned cluster"
     (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
