@@ -62,6 +62,19 @@ _STORE_LOGITS_MAX_ROWS = 16
 # separate launch in decode too (for A/B timings; the benchmark's --decode-ab flips this attribute).
 _FUSE_EXPAND = os.environ.get("SQZ_SEPARATE_EXPAND") != "1"
 
+# Centroid dtypes the lookup reads. fp8 (e4m3) centroids halve the bytes of the decode lookup, which reads every
+# centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3 value is a
+# bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are not rounded.
+CENTROID_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+@triton.jit
+def _widen(cent, Q):
+    """fp8 centroids -> the queries' dtype; other dtypes as stored (the queries then take theirs)."""
+    if cent.dtype.is_fp8():
+        cent = cent.to(Q.dtype.element_ty)
+    return cent
+
 
 @triton.jit
 def _stats_kernel(
@@ -116,7 +129,7 @@ def _stats_kernel(
             c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
         else:
             c = j
-        cent = tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :], mask=jm[:, None], other=0.0)
+        cent = _widen(tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :], mask=jm[:, None], other=0.0), Q)
         s = tl.dot(q.to(cent.dtype), tl.trans(cent)) * logit_scale  # (BLOCK_M, BLOCK_C), log2 units
         lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf")) * 1.4426950408889634
         if USE_EXCL:
@@ -175,8 +188,8 @@ def _scores_kernel(
         c_size = (tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
                   - tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)).to(tl.int32)
     if not FROM_LOGITS:
-        cent = tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
-                       mask=jm[:, None], other=0.0)
+        cent = _widen(tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
+                              mask=jm[:, None], other=0.0), Q)
     if PDL:
         # everything above reads only the corpus tensors, which were final before the stats pass started
         # (a plain launch); the partials, logits and look-back flags below are the stats pass's output
@@ -349,6 +362,8 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match (kv_heads={kv_heads}, C, {head_dim})")
     if log_counts.shape != centroids.shape[:2]:
         raise ValueError(f"log_counts {tuple(log_counts.shape)} do not match centroids {tuple(centroids.shape)}")
+    if centroids.dtype not in CENTROID_DTYPES:
+        raise ValueError(f"centroids are {centroids.dtype}; the lookup reads {', '.join(map(str, CENTROID_DTYPES))}")
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
@@ -444,8 +459,9 @@ def centroid_scores(
 ) -> torch.Tensor:
     """Triton twin of :func:`sqz_kernels.reference.centroid_scores`: ``(batch, kv_heads, clusters)`` float32.
 
-    ``centroids`` may be float32 (tf32 dot on the GPU) or the KV dtype (bf16/fp16: half the bytes, a
-    plain 16-bit tensor-core dot); the lookup reads them once in decode, twice in prefill.
+    ``centroids`` may be float32 (tf32 dot on the GPU), the KV dtype (bf16/fp16: half the bytes, a plain
+    16-bit tensor-core dot) or float8_e4m3fn (a quarter of the bytes, widened to the queries' dtype for the
+    dot); the lookup reads them once in decode, twice in prefill.
     """
     kvh = centroids.shape[0]
     rq = _Rows(q, kvh, config)

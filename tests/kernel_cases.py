@@ -41,6 +41,13 @@ for _dt in ("float32", "float16"):
     _case(f"lookup-prefill-{_dt}", kind="lookup", b=1, kvh=2, g=3, t=23, d=64, c=45, dtype=_dt)
 _case("lookup-d128-centroids16", kind="lookup", b=1, kvh=1, g=4, t=2, d=128, c=70, dtype="float16",
       cent_dtype="float16")
+# fp8 (e4m3) centroids, widened to the queries' dtype in the kernel (both twins see the same stored values)
+_case("lookup-decode-fp8", kind="lookup", b=2, kvh=2, g=4, t=1, d=64, c=37, dtype="float16", cent_dtype="float8_e4m3fn")
+_case("lookup-prefill-fp8", kind="lookup", b=1, kvh=2, g=3, t=23, d=64, c=45, dtype="float32",
+      cent_dtype="float8_e4m3fn")
+_case("hier-decode-fp8", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float16", cent_dtype="float8_e4m3fn")
+_case("selection-decode-fp8", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16", cent_dtype="float8_e4m3fn")
 # decode over more than 16K clusters: the stats pass with 3 stages and 2 programs per SM (lookup.flat_stats_launch)
 _case("lookup-decode-many-clusters", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500, dtype="float32")
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
@@ -123,6 +130,10 @@ GPU_CASES: dict[str, dict] = {
                                        tail=100, m=300, pins=0.02),
     "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                             tail=100, m=300, p=328, pins=0.02),
+    "real-lookup-decode-fp8": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, cent_dtype="float8_e4m3fn"),
+    "real-lookup-prefill-fp8": dict(kind="lookup", b=1, kvh=8, g=4, t=256, d=128, c=1638, cent_dtype="float8_e4m3fn"),
+    "real-selection-decode-hier-fp8": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
+                                           tail=100, m=300, p=328, cent_dtype="float8_e4m3fn"),
     "real-keymax": dict(kind="keymax", b=1, kvh=8, g=4, t=24, d=128, n=32768, m=40),
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
@@ -245,7 +256,8 @@ def _level1(cent, logn, n_l1, kvh, d, device, gen):
     l1_cnt = torch.zeros(kvh, n_l1, device=device).scatter_add_(1, parent, cnt)
     l1_sum = torch.zeros(kvh, n_l1, d, device=device).scatter_add_(
         1, parent.unsqueeze(-1).expand(-1, -1, d), cent.float() * cnt.unsqueeze(-1))
-    return l1_sum / l1_cnt.clamp_min(1e-30).unsqueeze(-1), torch.log(l1_cnt), l1_off
+    # stored like the level-2 centroids (fp8 ones widen in the kernel)
+    return (l1_sum / l1_cnt.clamp_min(1e-30).unsqueeze(-1)).to(cent.dtype), torch.log(l1_cnt), l1_off
 
 
 def _selection_case(name, p, device, dtype, gen, tol):
@@ -257,7 +269,7 @@ def _selection_case(name, p, device, dtype, gen, tol):
     from sqz_kernels import triton_ops as tri
 
     b, kvh, g, t, d, c, n, tail, m = (p[k] for k in ("b", "kvh", "g", "t", "d", "c", "n", "tail", "m"))
-    keys, values, offs, cent, logn = corpus(kvh, c, n, tail, d, dtype, device, gen)
+    keys, values, offs, cent, logn = corpus(kvh, c, n, tail, d, dtype, device, gen, cent_dtype=p.get("cent_dtype"))
     q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
     scale = d ** -0.5
     pins = (torch.rand(kvh, c, generator=gen) < p["pins"]).to(device) if "pins" in p else None
