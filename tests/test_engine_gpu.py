@@ -92,6 +92,7 @@ class World:
     truth: torch.nn.Module  # the same (rounded) weights computed in float32, plain SDPA
     flat: str = "flat"
     hier: str = "hier"
+    fp8: str = "hier-fp8"  # hierarchical, centroids stored as float8_e4m3fn
     _truth_cache: dict = field(default_factory=dict)
 
     @property
@@ -157,7 +158,9 @@ def build_world(tokenizer, head_dim: int, dtype: str, device: str = DEVICE, back
     docs = corpus_documents()
     engine.add_corpus("flat", docs, progress=False)
     engine.add_corpus("hier", docs, progress=False, config=engine.config.replace(hierarchical=True))
-    for name in ("flat", "hier"):
+    engine.add_corpus("hier-fp8", docs, progress=False,
+                      config=engine.config.replace(hierarchical=True, centroid_dtype="float8_e4m3fn"))
+    for name in ("flat", "hier", "hier-fp8"):
         add_torch_twin(engine, name)
     return World(head_dim, getattr(torch, dtype), engine, truth)
 
@@ -411,6 +414,13 @@ def test_quarter_budget_triton_matches_torch(world, monkeypatch):
 def test_hierarchical_on_triton(world, monkeypatch):
     check_full_budget_logits(world, world.hier, hierarchical=True)
     check_budget_backends_agree(world, world.hier, monkeypatch, hierarchical=True)
+
+
+def test_fp8_centroids_triton_matches_torch(world, monkeypatch):
+    # the Triton lookup widens the fp8 centroids to the queries' dtype; the torch twin to float32
+    assert world.engine.get_corpus(world.fp8).layers[0].centroids.dtype == torch.float8_e4m3fn
+    check_budget_backends_agree(world, world.fp8, monkeypatch)
+    check_budget_backends_agree(world, world.fp8, monkeypatch, hierarchical=True)
 
 
 def test_answer_on_cuda(world, monkeypatch):
