@@ -28,6 +28,7 @@ import transformers
 from transformers import AutoTokenizer, DynamicCache
 
 from sqz_integrations import SqueezeConfig, SqueezedEngine
+from sqz_integrations.config import CENTROID_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = ROOT / "tests" / "data" / "smollm2_tokenizer"
@@ -237,6 +238,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--copy-window", type=int, default=SqueezeConfig.copy_window,
                     help="SqueezeConfig.copy_window (0: decode reads only its own selection)")
+    ap.add_argument("--centroid-dtype", default=SqueezeConfig.centroid_dtype, choices=CENTROID_DTYPES)
     ap.add_argument("--profile", type=float, default=None, metavar="BUDGET",
                     help="after the first size, profile one answer at this budget (and at 1.0) and print where a "
                          "decode step spends its time")
@@ -249,14 +251,14 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model = make_model(len(tok), args.layers, max(args.tokens), device, dtype, small=args.cpu_smoke)
     engine = SqueezedEngine(model, tok, SqueezeConfig(sources=False, prefill_chunk=args.chunk,
-                                                       copy_window=args.copy_window))
+                                                       copy_window=args.copy_window, centroid_dtype=args.centroid_dtype))
     meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 layers=args.layers, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens,
                 shape="tiny" if args.cpu_smoke else "32 q heads, 8 KV heads, d=128, hidden 4096, MLP 14336",
                 config=dict(kv_budget_default=engine.config.kv_budget, prefill_chunk=args.chunk,
-                                copy_window=args.copy_window))
+                                copy_window=args.copy_window, centroid_dtype=args.centroid_dtype))
     records = []
     for n in args.tokens:
         rec = run_size(engine, n, args, device)

@@ -26,11 +26,11 @@ class CorpusLayer:
     keys: torch.Tensor  # (KVH, N, D) model dtype, clustered part sorted by cluster, then always-kept
     values: torch.Tensor  # (KVH, N, D)
     cluster_offsets: torch.Tensor  # (KVH, C + 1) int64; [:, -1] == number of clustered keys
-    centroids: torch.Tensor  # (KVH, C, D) config.centroid_dtype (float32 by default), mean of the raw keys of each cluster
+    centroids: torch.Tensor  # (KVH, C, D) centroid_storage(config.centroid_dtype), mean of the raw keys of each cluster
     log_counts: torch.Tensor  # (KVH, C) float32, log N_c, -inf when empty
     key_doc: torch.Tensor  # (KVH, N) int64, the document of every stored key, -1 for template tokens
     key_pos: torch.Tensor  # (KVH, N) int32, the token position of every stored key
-    l1_centroids: torch.Tensor | None = None  # (KVH, C1, D) config.centroid_dtype
+    l1_centroids: torch.Tensor | None = None  # (KVH, C1, D) centroid_storage(config.centroid_dtype)
     l1_log_counts: torch.Tensor | None = None  # (KVH, C1)
     l1_offsets: torch.Tensor | None = None  # (KVH, C1 + 1) int64 into the level-2 clusters
 
@@ -246,11 +246,20 @@ def squeeze_layer(
         layer.l1_offsets = torch.zeros(kvh, n_l1 + 1, dtype=torch.long, device=dev)
         layer.l1_offsets[:, 1:] = torch.cumsum(l1_sizes, 1)
     # stored (and so calibrated and read) in the configured dtype; both levels are computed in float32 first
-    stored = getattr(torch, config.centroid_dtype)
+    stored = centroid_storage(config.centroid_dtype, keys)
     layer.centroids = layer.centroids.to(stored)
     if layer.l1_centroids is not None:
         layer.l1_centroids = layer.l1_centroids.to(stored)
     return layer
+
+
+def centroid_storage(centroid_dtype: str, keys: torch.Tensor) -> torch.dtype:
+    """``SqueezeConfig.centroid_dtype`` for a layer's keys: ``"auto"`` is the KV dtype for 16-bit keys on CUDA
+    (the Triton lookup's 16-bit dot, half the bytes of float32) and float32 otherwise (the torch lookup
+    computes in float32 anyway)."""
+    if centroid_dtype != "auto":
+        return getattr(torch, centroid_dtype)
+    return keys.dtype if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def split_tokens(n_tokens: int, n_header: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_FAMILIES, random_text
 from sqz_integrations import CorpusDocument, SqueezeConfig, SqueezedEngine
-from sqz_integrations.corpus import budget_keys
+from sqz_integrations.corpus import budget_keys, centroid_storage
 
 DOCS = [random_text(120, seed=1), random_text(150, seed=2), random_text(90, seed=3)]
 QUESTION = "Which word comes after river?"
@@ -332,6 +332,8 @@ def test_centroid_dtype_stores_rounded_centroids_and_calibrates_on_them(make_tin
     fp8 = SqueezedEngine(ref.model, ref.tokenizer, base.replace(centroid_dtype="float8_e4m3fn"))
     a = ref.add_corpus("docs", DOCS, progress=False)
     b = fp8.add_corpus("docs", DOCS, progress=False)
+    assert a.layers[0].centroids.dtype == torch.float32  # "auto" on CPU
+    assert centroid_storage("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
     for la, lb in zip(a.layers, b.layers):
         assert lb.centroids.dtype == lb.l1_centroids.dtype == torch.float8_e4m3fn
         assert torch.equal(la.cluster_offsets, lb.cluster_offsets) and torch.equal(la.keys, lb.keys)

@@ -419,6 +419,7 @@ def test_hierarchical_on_triton(world, monkeypatch):
 def test_fp8_centroids_triton_matches_torch(world, monkeypatch):
     # the Triton lookup widens the fp8 centroids to the queries' dtype; the torch twin to float32
     assert world.engine.get_corpus(world.fp8).layers[0].centroids.dtype == torch.float8_e4m3fn
+    assert world.engine.get_corpus(world.flat).layers[0].centroids.dtype == world.dtype  # "auto": the KV dtype
     check_budget_backends_agree(world, world.fp8, monkeypatch)
     check_budget_backends_agree(world, world.fp8, monkeypatch, hierarchical=True)
 
