@@ -98,6 +98,8 @@ def make_corpus(n: int, seed: int = 0) -> dict:
         n=n, keys=keys, values=values, offsets=offsets, centroids=cent, log_counts=torch.log(sizes.float()),
         # the lookup reads its centroids in the KV dtype: half the bytes of float32 (built once, with the corpus)
         centroids_kv=cent.to(DTYPE), l1_centroids=l1_cent, l1_centroids_kv=l1_cent.to(DTYPE),
+        # fp8 (e4m3) centroids: a quarter of float32's bytes, widened to bf16 in the kernel
+        centroids_fp8=cent.to(torch.float8_e4m3fn), l1_centroids_fp8=l1_cent.to(torch.float8_e4m3fn),
         l1_log_counts=torch.log(l1_counts), l1_offsets=l1_offsets, n_clustered=n_cl,
     )
 
@@ -244,6 +246,20 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     hier_keys = kept_keys(sel_hier, offs).float()
     rec["l1_expanded_frac"] = float((l1_scores >= l1_thr).float().mean())
 
+    # fp8 centroids: the same calibration on their own scores; recall = share of the bf16 selection's keys kept
+    cent8, l1c8 = corpus["centroids_fp8"], corpus["l1_centroids_fp8"]
+    scores8 = tri.centroid_scores(q, cent8, logn, scale)
+    thr8 = global_threshold(scores8, logn, KEEP_FRAC)
+    sel8 = tri.select_clusters(scores8, logn, log_threshold=thr8)
+    l1_thr8 = global_threshold(tri.centroid_scores(q, l1c8, l1n, scale), l1n, args.l1_keep)
+    thr8_h = global_threshold(tri.hierarchical_centroid_scores(q, l1c8, l1n, l1o, cent8, logn, scale, l1_thr8),
+                              logn, KEEP_FRAC)
+    rec["kept_frac_fp8"] = float(kept_keys(sel8, offs).float().sum() / (batch * KVH * corpus["n_clustered"]))
+    rec["fp8_recall"] = float(kept_keys(sel_flat & sel8, offs).float().sum() / flat_keys.sum().clamp_min(1))
+    if mode == "decode":  # what the selections are for: the attention mass of the clustered keys they keep
+        rec["mass_kept"] = {k: attention_mass(q, keys[:, :corpus["n_clustered"]], s_, offs, scale)
+                            for k, s_ in (("flat", sel_flat), ("flat_fp8", sel8), ("hier", sel_hier))}
+
     # exactness on this case: ours vs the torch twin (sparse + causal + merge)
     from sqz_kernels import reference as ref
     if n <= 131072 and mode == "decode":
@@ -267,6 +283,16 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
         return fn
 
+    def ours_fp8(hier: bool, config: LookupConfig | None = None):
+        def fn():
+            if hier:
+                _, sel, wl_ = tri.hierarchical_centroid_selection(q, l1c8, l1n, l1o, cent8, logn, scale, l1_thr8, offs,
+                                                                  thr8_h, n, config=config)
+            else:
+                _, sel, wl_ = tri.centroid_selection(q, cent8, logn, scale, offs, thr8, n, config=config)
+            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
+        return fn
+
     def ours_unfused(hier: bool):
         """the calls the engine makes today: scores, select_clusters, squeezed_attention (builds its list)"""
         def fn():
@@ -281,6 +307,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     t_ = {}
     t_["ours_flat"] = bench(ours(False), graph=True)
     t_["ours_hier"] = bench(ours(True), graph=True)
+    t_["ours_flat_fp8"] = bench(ours_fp8(False), graph=True)
+    t_["ours_hier_fp8"] = bench(ours_fp8(True), graph=True)
     t_["ours_flat_unfused"] = bench(ours_unfused(False), graph=True)
     t_["ours_hier_unfused"] = bench(ours_unfused(True), graph=True)
     t_["ours_flat_eager"] = bench(ours(False))
@@ -289,6 +317,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
                               graph=True)
     t_["lookup_select_worklist_flat"] = bench(lambda: selection(False), graph=True)
     t_["lookup_select_worklist_hier"] = bench(lambda: selection(True), graph=True)
+    t_["lookup_flat_fp8"] = bench(lambda: tri.centroid_scores(q, cent8, logn, scale), graph=True)
     t_["lookup_flat_fp32_centroids"] = bench(lambda: tri.centroid_scores(q, corpus["centroids"], logn, scale),
                                              graph=True)
     t_["select_worklist"] = bench(lambda: tri.build_worklist(tri.select_clusters(flat_scores, logn, log_threshold=thr),
@@ -445,6 +474,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
+    if args.fp8_sweep and mode == "decode" and (n >= 131072 or DEV == "cpu"):
+        rec["fp8_sweep"] = fp8_sweep(ours, ours_fp8, log, tag=f"N={n} batch={batch}")
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
@@ -493,7 +524,24 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         rec["speedup_vs_fa2"] = t_["sdpa_fa2"] / min(t_["ours_flat"], t_["ours_hier"])
     if "flex" in t_:
         rec["speedup_vs_flex"] = t_["flex"] / min(t_["ours_flat"], t_["ours_hier"])
+    rec["speedup_vs_sdpa_fp8"] = t_["sdpa"] / min(t_["ours_flat_fp8"], t_["ours_hier_fp8"])
     return rec
+
+
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor, offsets: torch.Tensor,
+                   scale: float) -> float:
+    """Mean over batch rows and query heads of the softmax mass over the clustered ``keys`` (kv_heads, N, D)
+    that falls in the ``selected`` (batch, kv_heads, clusters) clusters."""
+    b, h, t, d = q.shape
+    kvh, n = keys.shape[:2]
+    qg = q.float().view(b, kvh, h // kvh * t, d)
+    total = 0.0
+    for kh in range(kvh):  # one KV head at a time: (b, rows, N) float32 logits
+        owner = torch.repeat_interleave(torch.arange(offsets.shape[1] - 1, device=keys.device), offsets[kh].diff())
+        kept = selected[:, kh, owner[:n]]  # (b, N): the key's cluster is selected
+        p = torch.softmax(qg[:, kh] @ keys[kh].float().T * scale, dim=-1)
+        total += float((p * kept[:, None, :]).sum(-1).mean())
+    return total / kvh
 
 
 def launch_ab(ours, log, tag: str) -> dict:
@@ -533,6 +581,27 @@ def lookup_ab(ours, log, tag: str) -> dict:
         for name, lc in variants.items():
             ab[f"whole {name} #{rep}"] = bench(ours(False, lc), graph=True)
     log(f"  lookup A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
+    return ab
+
+
+def fp8_sweep(ours, ours_fp8, log, tag: str) -> dict:
+    """Decode, flat, whole path: fp8 centroids under stats tiles of 128 / 256 centroids x splits x stages,
+    against bf16 with the defaults (each variant timed twice, alternating)."""
+    variants = {"bf16 default": (ours, None), "fp8 default": (ours_fp8, None)}
+    for bc in (128, 256):
+        for splits in (16, 33, 66):
+            for stages in (2, 3, 4):
+                variants[f"fp8 c{bc} s{splits} st{stages}"] = (
+                    ours_fp8, LookupConfig(stats_block_c=bc, num_splits=splits, num_stages=stages))
+    ab = {}
+    for rep in range(2):
+        for name, (fn, lc) in variants.items():
+            try:
+                ab[f"{name} #{rep}"] = bench(fn(False, lc), graph=True)
+            except Exception as e:  # a tile that does not fit (shared memory) is skipped, named
+                ab[f"{name} #{rep}"] = f"error: {type(e).__name__}"
+    log(f"  fp8 sweep {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in ab.items()))
     return ab
 
 
@@ -590,6 +659,7 @@ def main():
     ap.add_argument("--launch-ab", action="store_true",
                     help="decode (N >= 128K): programmatic dependent launch as kept / attention too / off, A/B")
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
+    ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")
     ap.add_argument("--no-flex", action="store_true")
@@ -663,8 +733,9 @@ def markdown(meta, records) -> str:
              "",
              "| N | mode | batch | ours flat | ours hier | unfused flat / hier | lookup flat / hier "
              "| lookup + sel. + list flat | attention | SDPA (cuDNN) | SDPA FA2 "
-             "| Flex (same sel.) | speedup vs SDPA / FA2 / Flex | ours TB/s | kept | hier recall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Flex (same sel.) | speedup vs SDPA / FA2 / Flex | ours TB/s | kept | hier recall "
+             "| fp8 centroids: ours flat / hier, lookup flat | speedup vs SDPA, fp8 | fp8 recall | mass kept bf16 / fp8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['n']} | {r['mode']} | {r['batch']} | error: {r['error'][:80]} |")
@@ -674,13 +745,16 @@ def markdown(meta, records) -> str:
         def f(k):
             return f"{t[k]:.3f}" if k in t else "-"
 
-        sp = " / ".join(f"{r[k]:.1f}x" if k in r else "-" for k in ("speedup_vs_sdpa", "speedup_vs_fa2",
+        mass = (f"{r['mass_kept']['flat']:.3f} / {r['mass_kept']['flat_fp8']:.3f}" if "mass_kept" in r else "-")
+        sp = " / ".join(f"{r[k]:.2f}x" if k in r else "-" for k in ("speedup_vs_sdpa", "speedup_vs_fa2",
                                                                       "speedup_vs_flex"))
         lines.append(f"| {r['n'] // 1024}K | {r['mode']} | {r['batch']} | {f('ours_flat')} | {f('ours_hier')} | "
                      f"{f('ours_flat_unfused')} / {f('ours_hier_unfused')} | "
                      f"{f('lookup_flat')} / {f('lookup_hier')} | {f('lookup_select_worklist_flat')} | "
                      f"{f('attention')} | {f('sdpa')} | {f('sdpa_fa2')} | "
-                     f"{f('flex')} | {sp} | {r['tbps_ours']:.2f} | {r['kept_frac']:.3f} | {r['hier_recall']:.3f} |")
+                     f"{f('flex')} | {sp} | {r['tbps_ours']:.2f} | {r['kept_frac']:.3f} | {r['hier_recall']:.3f} | "
+                     f"{f('ours_flat_fp8')} / {f('ours_hier_fp8')}, {f('lookup_flat_fp8')} | "
+                     f"{r['speedup_vs_sdpa_fp8']:.2f}x | {r['fp8_recall']:.3f} | {mass} |")
     return "\n".join(lines) + "\n"
 
 
