@@ -95,7 +95,7 @@ class SqueezeConfig:
         read. Every decode step reads every centroid of every layer: on the H200 (Llama-3-8B attention, 512K
         keys, batch 1) the decode lookup takes 0.052 ms over float32 centroids and 0.033 over bf16 (the
         Triton lookup dots float32 centroids in tf32, 16-bit ones with the queries in their dtype).
-        float8_e4m3fn halves the bytes again but not the time (whole decode path 0.0977 against 0.0987 ms at
+        float8_e4m3fn halves the bytes again but not the time (whole decode path 0.0983 against 0.0999 ms at
         batch 1, slower at batch 8 and in prefill: the lookup is not bound by its bytes there); it is
         widened to the queries' dtype in the kernel, so the queries are not rounded. Selection measured on
         real SmolLM2 keys (a 4K-token corpus, 100 window queries per layer, 10% fixed budget) against
