@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, random_text
-from sqz_integrations import CorpusDocument, SqueezeConfig, SqueezedEngine
+from sqz_integrations import CorpusDocument, SqueezeConfig
 from sqz_integrations.corpus import budget_keys, centroid_storage
 
 DOCS = [random_text(120, seed=1), random_text(150, seed=2), random_text(90, seed=3)]
@@ -328,10 +328,9 @@ def test_centroid_dtype_stores_rounded_centroids_and_calibrates_on_them(make_tin
     """fp8 centroids: the same clusters as float32 (the clustering runs in float32), the centroids rounded once,
     and the calibration scores what is stored; a full-budget read does not look at them."""
     base = SqueezeConfig(kv_budget=0.25, hierarchical=True, observation_window=16)
-    ref = make_tiny_engine("llama", base)
-    fp8 = SqueezedEngine(ref.model, ref.tokenizer, base.replace(centroid_dtype="float8_e4m3fn"))
-    a = ref.add_corpus("docs", DOCS, progress=False)
-    b = fp8.add_corpus("docs", DOCS, progress=False)
+    engine = make_tiny_engine("llama", base)
+    a = engine.add_corpus("docs", DOCS, progress=False)
+    b = engine.add_corpus("fp8", DOCS, progress=False, config=base.replace(centroid_dtype="float8_e4m3fn"))
     assert a.layers[0].centroids.dtype == torch.float32  # "auto" on CPU
     assert centroid_storage("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
     for la, lb in zip(a.layers, b.layers):
@@ -340,9 +339,9 @@ def test_centroid_dtype_stores_rounded_centroids_and_calibrates_on_them(make_tin
         assert torch.equal(la.centroids.to(torch.float8_e4m3fn).float(), lb.centroids.float())
     rounded = b.calibration.log_threshold(0.25, False)
     assert rounded != a.calibration.log_threshold(0.25, False)  # the rounding is seen by the calibration
-    assert (fp8.answer(QUESTION, corpus="docs", max_new_tokens=6, kv_budget=1.0).token_ids
-            == ref.answer(QUESTION, corpus="docs", max_new_tokens=6, kv_budget=1.0).token_ids)
-    ans = fp8.answer(QUESTION, corpus="docs", max_new_tokens=6, kv_budget=0.25, hierarchical=True)
+    assert (engine.answer(QUESTION, corpus="fp8", max_new_tokens=6, kv_budget=1.0).token_ids
+            == engine.answer(QUESTION, corpus="docs", max_new_tokens=6, kv_budget=1.0).token_ids)
+    ans = engine.answer(QUESTION, corpus="fp8", max_new_tokens=6, kv_budget=0.25, hierarchical=True)
     assert 0 < ans.kept_fraction < 1 and ans.completion_tokens > 0
     with pytest.raises(ValueError, match="centroid_dtype"):
         SqueezeConfig(centroid_dtype="float64")
