@@ -269,27 +269,23 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         want = ref.squeezed_attention(q, keys, values, offs, sel_flat, dk, dv, scale).float()
         rec["max_abs_err_vs_twin"] = float((got - want).abs().max())
 
-    def selection(hier: bool, q_=None, config: LookupConfig | None = None):
+    # what a lookup reads and its calibrated thresholds: (centroids, level-1 centroids, level-1 threshold,
+    # flat threshold, hierarchical threshold), bf16 (the reference) or fp8 centroids
+    bf16 = (cent, l1c, l1_thr, thr, thr_h)
+    fp8 = (cent8, l1c8, l1_thr8, thr8, thr8_h)
+
+    def selection(hier: bool, q_=None, config: LookupConfig | None = None, lookup=bf16):
         """lookup + threshold selection + work list, fused (centroid_selection: 3 launches, flat)"""
         q_ = q if q_ is None else q_
+        c2, c1, t1, t_flat, t_hier = lookup
         if hier:
-            return tri.hierarchical_centroid_selection(q_, l1c, l1n, l1o, cent, logn, scale, l1_thr, offs, thr_h, n,
+            return tri.hierarchical_centroid_selection(q_, c1, l1n, l1o, c2, logn, scale, t1, offs, t_hier, n,
                                                        config=config)
-        return tri.centroid_selection(q_, cent, logn, scale, offs, thr, n, config=config)
+        return tri.centroid_selection(q_, c2, logn, scale, offs, t_flat, n, config=config)
 
-    def ours(hier: bool, config: LookupConfig | None = None):
+    def ours(hier: bool, config: LookupConfig | None = None, lookup=bf16):
         def fn():
-            _, sel, wl_ = selection(hier, config=config)
-            return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
-        return fn
-
-    def ours_fp8(hier: bool, config: LookupConfig | None = None):
-        def fn():
-            if hier:
-                _, sel, wl_ = tri.hierarchical_centroid_selection(q, l1c8, l1n, l1o, cent8, logn, scale, l1_thr8, offs,
-                                                                  thr8_h, n, config=config)
-            else:
-                _, sel, wl_ = tri.centroid_selection(q, cent8, logn, scale, offs, thr8, n, config=config)
+            _, sel, wl_ = selection(hier, config=config, lookup=lookup)
             return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
         return fn
 
@@ -307,8 +303,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     t_ = {}
     t_["ours_flat"] = bench(ours(False), graph=True)
     t_["ours_hier"] = bench(ours(True), graph=True)
-    t_["ours_flat_fp8"] = bench(ours_fp8(False), graph=True)
-    t_["ours_hier_fp8"] = bench(ours_fp8(True), graph=True)
+    t_["ours_flat_fp8"] = bench(ours(False, lookup=fp8), graph=True)
+    t_["ours_hier_fp8"] = bench(ours(True, lookup=fp8), graph=True)
     t_["ours_flat_unfused"] = bench(ours_unfused(False), graph=True)
     t_["ours_hier_unfused"] = bench(ours_unfused(True), graph=True)
     t_["ours_flat_eager"] = bench(ours(False))
@@ -475,7 +471,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.fp8_sweep and mode == "decode" and (n >= 131072 or DEV == "cpu"):
-        rec["fp8_sweep"] = fp8_sweep(ours, ours_fp8, log, tag=f"N={n} batch={batch}")
+        rec["fp8_sweep"] = fp8_sweep(ours, bf16, fp8, log, tag=f"N={n} batch={batch}")
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
@@ -584,20 +580,20 @@ def lookup_ab(ours, log, tag: str) -> dict:
     return ab
 
 
-def fp8_sweep(ours, ours_fp8, log, tag: str) -> dict:
+def fp8_sweep(ours, bf16, fp8, log, tag: str) -> dict:
     """Decode, flat, whole path: fp8 centroids under stats tiles of 128 / 256 centroids x splits x stages,
     against bf16 with the defaults (each variant timed twice, alternating)."""
-    variants = {"bf16 default": (ours, None), "fp8 default": (ours_fp8, None)}
+    variants = {"bf16 default": (bf16, None), "fp8 default": (fp8, None)}
     for bc in (128, 256):
         for splits in (16, 33, 66):
             for stages in (2, 3, 4):
                 variants[f"fp8 c{bc} s{splits} st{stages}"] = (
-                    ours_fp8, LookupConfig(stats_block_c=bc, num_splits=splits, num_stages=stages))
+                    fp8, LookupConfig(stats_block_c=bc, num_splits=splits, num_stages=stages))
     ab = {}
     for rep in range(2):
-        for name, (fn, lc) in variants.items():
+        for name, (lookup, lc) in variants.items():
             try:
-                ab[f"{name} #{rep}"] = bench(fn(False, lc), graph=True)
+                ab[f"{name} #{rep}"] = bench(ours(False, lc, lookup), graph=True)
             except Exception as e:  # a tile that does not fit (shared memory) is skipped, named
                 ab[f"{name} #{rep}"] = f"error: {type(e).__name__}"
     log(f"  fp8 sweep {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
