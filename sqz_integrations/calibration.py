@@ -180,7 +180,7 @@ class Calibration:
         self._layers = layers
         self._distributions: dict[str, ScoreDistribution] = {}
 
-    def _distribution(self, kind: str) -> ScoreDistribution:
+    def _distribution_of(self, kind: str) -> ScoreDistribution:
         with self._lock:
             if kind not in self._distributions:
                 self._distributions[kind] = _distribution(self._sets.pop(kind), self._layers, self.scale,
@@ -190,12 +190,12 @@ class Calibration:
     @property
     def decode(self) -> ScoreDistribution:
         """The score distribution of single-token reads (each window query alone)."""
-        return self._distribution("decode")
+        return self._distribution_of("decode")
 
     @property
     def prefill(self) -> ScoreDistribution:
         """The score distribution of multi-token reads (groups of window queries averaged)."""
-        return self._distribution("prefill")
+        return self._distribution_of("prefill")
 
     def clustered_fraction(self, kv_budget: float, dense_heads: torch.Tensor | None = None) -> float:
         """Fraction of the clustered keys a budget leaves once the always-kept keys are paid for."""
