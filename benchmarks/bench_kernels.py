@@ -536,6 +536,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
+    if args.tma_ab and (n >= 131072 or DEV == "cpu"):
+        rec["stats_tma_ab"] = stats_tma_ab(ours, selection, log, tag=f"N={n} {mode} batch={batch}")
     if args.launch_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["launch_ab"] = launch_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.profile and mode == "decode" and DEV == "cuda":
@@ -633,6 +635,35 @@ def launch_ab(ours, log, tag: str) -> dict:
     return ab
 
 
+def stats_tma_ab(ours, selection, log, tag: str) -> dict:
+    """The lookup's stats pass reading centroid tiles by TMA (``sqz_kernels.lookup.STATS_TMA``) off / on, flat,
+    A/B in one process (alternated twice), from a dirty and a clean L2; plus equality of the two selections and
+    outputs."""
+    from sqz_kernels import lookup as lookup_mod
+
+    saved = lookup_mod.STATS_TMA
+    ab = {}
+    try:
+        got = {}
+        for on in (False, True):
+            lookup_mod.STATS_TMA = on
+            got[on] = (selection(False)[1], ours(False)())
+        ab["selection_equal"] = bool(torch.equal(got[False][0], got[True][0]))
+        ab["output_equal"] = bool(torch.equal(got[False][1], got[True][1]))
+        for rep in range(2):
+            for on in (False, True):
+                lookup_mod.STATS_TMA = on
+                t = f"tma {'on' if on else 'off'} #{rep}"
+                ab[f"whole {t}"] = bench(ours(False), graph=True)
+                ab[f"whole clean {t}"] = bench(ours(False), graph=True, l2="clean")
+                ab[f"lookup+select+list {t}"] = bench(lambda: selection(False), graph=True)
+    finally:
+        lookup_mod.STATS_TMA = saved
+    log(f"  stats TMA A/B {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in ab.items()))
+    return ab
+
+
 def lookup_ab(ours, log, tag: str) -> dict:
     """Decode: lookup tiles of the fused selection (scores block / warps, stats stages / splits) on the whole
     path (``ours(False, config)``, flat), A/B in one process (alternated twice)."""
@@ -642,6 +673,11 @@ def lookup_ab(ours, log, tag: str) -> dict:
         "stats 3 stages / 33 splits": LookupConfig(num_stages=3, num_splits=33),
         "both": LookupConfig(scores_block_c=512, scores_warps=8, num_stages=3, num_splits=33),
         "both, 48 splits": LookupConfig(scores_block_c=512, scores_warps=8, num_stages=3, num_splits=48),
+        "stats 4 stages / 33 splits": LookupConfig(num_stages=4, num_splits=33),
+        "stats 2 stages / 66 splits": LookupConfig(num_stages=2, num_splits=66),
+        "stats 3 stages / 66 splits": LookupConfig(num_stages=3, num_splits=66),
+        "stats 256 centroids / 3 stages / 33 splits": LookupConfig(stats_block_c=256, num_stages=3, num_splits=33),
+        "stats 64 centroids / 4 stages / 66 splits": LookupConfig(stats_block_c=64, num_stages=4, num_splits=66),
     }
     ab = {}
     for rep in range(2):
@@ -725,6 +761,7 @@ def main():
                     help="decode: programmatic dependent launch off / on, A/B in one process (alternated twice)")
     ap.add_argument("--launch-ab", action="store_true",
                     help="decode (N >= 128K): programmatic dependent launch as kept / attention too / off, A/B")
+    ap.add_argument("--tma-ab", action="store_true", help="N >= 128K: the stats pass by TMA off / on, A/B (flat)")
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
     ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",

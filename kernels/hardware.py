@@ -1,10 +1,16 @@
-"""What the launchers need to know about the device: its multiprocessor count (for split-K sizing)."""
+"""What the launchers need to know about the device: its multiprocessor count (for split-K sizing), TMA (tensor
+descriptors) and programmatic dependent launch."""
 from __future__ import annotations
 
 import functools
 import os
 
 import torch
+
+try:  # host-side tensor descriptors (Triton >= 3.3): whole tiles by TMA (prefill attention, decode lookup)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 # Under TRITON_INTERPRET=1 (CPU tensors) every program runs one after the other in Python: a small
 # pretend SM count keeps the grids, and so the test run, short.

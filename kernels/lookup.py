@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import PDL_MAX_ROWS, num_sms, pdl_launch, use_pdl
+from .hardware import PDL_MAX_ROWS, TensorDescriptor, is_hopper, is_interpreter, num_sms, pdl_launch, use_pdl
 from .reference import check_dynamic_keys, dynamic_lse
 from .tiles import LOG2E, _row_tile
 from .worklist import _SLOTS, _expand_markers, check_pins, expand_worklist, select_worklist
@@ -62,6 +62,14 @@ _STORE_LOGITS_MAX_ROWS = 16
 # separate launch in decode too (for A/B timings; the benchmark's --decode-ab flips this attribute).
 _FUSE_EXPAND = os.environ.get("SQZ_SEPARATE_EXPAND") != "1"
 
+# Decode: the stats pass over a flat centroid set reads each tile with one TMA bulk copy (a tensor descriptor)
+# instead of per-thread loads, where the device has TMA (and under the interpreter, which runs descriptors too).
+# A/B in one process on the H200, whole path (ms, per-thread loads -> TMA; kernels_notes.md, run 29): decode
+# 128K batch 1 0.0452 -> 0.0437, batch 8 0.1585 -> 0.1547; 512K batch 1 0.0993 -> 0.0996 (no change), batch 8
+# 0.5439 -> 0.5184; the same selections and outputs, bit for bit. Prefill keeps the per-thread loads: 128K
+# 0.932 -> 0.935, 512K 3.25 -> 3.28 with TMA. SQZ_STATS_TMA=0 (or this attribute) turns it off.
+STATS_TMA = os.environ.get("SQZ_STATS_TMA") != "0"
+
 # Centroid dtypes the lookup reads. fp8 (e4m3) centroids halve the bytes of the decode lookup, which reads every
 # centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3 value is a
 # bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are not rounded.
@@ -78,7 +86,7 @@ def _widen(cent, Q):
 
 @triton.jit
 def _stats_kernel(
-    Q, CENT, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS, FLAGS,
+    Q, CENT, CDESC, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS, FLAGS,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -89,7 +97,7 @@ def _stats_kernel(
     logit_scale, n_flags,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     if PDL:  # the scores pass (launched with PDL) may be scheduled now; it waits for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -129,7 +137,13 @@ def _stats_kernel(
             c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
         else:
             c = j
-        cent = _widen(tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :], mask=jm[:, None], other=0.0), Q)
+        if TMA:
+            # one bulk copy of the tile from the (KVH * C, d) view; rows past this head's centroids are the next
+            # head's (or zeros past the end) and are masked out of w below
+            cent = _widen(CDESC.load([kvh * n_cent + start, 0]), Q)
+        else:
+            cent = _widen(tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :],
+                                  mask=jm[:, None], other=0.0), Q)
         s = tl.dot(q.to(cent.dtype), tl.trans(cent)) * logit_scale  # (BLOCK_M, BLOCK_C), log2 units
         lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf")) * 1.4426950408889634
         if USE_EXCL:
@@ -366,13 +380,21 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
         raise ValueError(f"centroids are {centroids.dtype}; the lookup reads {', '.join(map(str, CENTROID_DTYPES))}")
 
 
+def _stats_tma(rq: _Rows, cent: torch.Tensor, lst) -> bool:
+    """Whether the stats pass reads whole centroid tiles by TMA (``STATS_TMA``: decode, a contiguous flat set)."""
+    return (STATS_TMA and rq.decode and lst is None and TensorDescriptor is not None and cent.is_contiguous()
+            and (is_hopper(cent.device) or is_interpreter(cent.device)))
+
+
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
            scale, excl=None, lst=None, lcum=None, flags=None, pdl=False, stages=None):
     n_cent = cent.shape[1]
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
+    tma = _stats_tma(rq, cent, lst)
+    cdesc = TensorDescriptor.from_tensor(cent.view(-1, rq.d), [rq.block_c, rq.d]) if tma else dummy
     _stats_kernel[grid](
-        rq.q, cent, logn,
+        rq.q, cent, cdesc, logn,
         excl if excl is not None else dummy,
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
@@ -384,7 +406,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         scale * LOG2E, flags.shape[-1] if flags is not None else 0,
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
-        ZERO_FLAGS=flags is not None, PDL=pdl,
+        ZERO_FLAGS=flags is not None, PDL=pdl, TMA=tma,
         num_warps=rq.warps, num_stages=stages or rq.stages,
     )
 

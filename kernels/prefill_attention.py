@@ -23,13 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import is_hopper
+from .hardware import TensorDescriptor, is_hopper  # without descriptors the gathering kernel serves prefill
 from .tiles import LOG2E, _causal_tiles, _online_tile, _row_tile, _work_keys
-
-try:  # host-side tensor descriptors (Triton >= 3.3); without them the gathering kernel serves prefill
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton
-    TensorDescriptor = None
 
 # rows copied per compaction program; a multiple of every attention tile (BLOCK_N <= 128)
 _COPY_ROWS = 128

@@ -48,6 +48,10 @@ _case("lookup-prefill-fp8", kind="lookup", b=1, kvh=2, g=3, t=23, d=64, c=45, dt
 _case("hier-decode-fp8", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float16", cent_dtype="float8_e4m3fn")
 _case("selection-decode-fp8", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
       dtype="float16", cent_dtype="float8_e4m3fn")
+# decode reads the centroid tiles by TMA where it can (lookup.STATS_TMA, the interpreter included); the per-thread
+# loads that other devices take, on the same case
+_case("lookup-decode-per-thread-loads", kind="lookup", b=2, kvh=2, g=4, t=1, d=64, c=37, dtype="float16",
+      stats_tma=False)
 # decode over more than 16K clusters: the stats pass with 3 stages and 2 programs per SM (lookup.flat_stats_launch)
 _case("lookup-decode-many-clusters", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500, dtype="float32")
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
@@ -130,6 +134,7 @@ GPU_CASES: dict[str, dict] = {
                                        tail=100, m=300, pins=0.02),
     "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                             tail=100, m=300, p=328, pins=0.02),
+    "real-lookup-decode-per-thread-loads": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, stats_tma=False),
     "real-lookup-decode-fp8": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, cent_dtype="float8_e4m3fn"),
     "real-lookup-prefill-fp8": dict(kind="lookup", b=1, kvh=8, g=4, t=256, d=128, c=1638, cent_dtype="float8_e4m3fn"),
     "real-selection-decode-hier-fp8": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
@@ -342,7 +347,14 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
         q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
         scale = d ** -0.5
         if kind == "lookup":
-            got = tri.centroid_scores(q, cent, logn, scale)
+            from sqz_kernels import lookup as lookup_mod
+
+            saved = lookup_mod.STATS_TMA
+            lookup_mod.STATS_TMA = p.get("stats_tma", saved)
+            try:
+                got = tri.centroid_scores(q, cent, logn, scale)
+            finally:
+                lookup_mod.STATS_TMA = saved
             want = ref.centroid_scores(q, cent, logn, scale)
             return _report(name, got, want, *tol["score"])
         l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
