@@ -381,8 +381,11 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
 
 
 def _stats_tma(rq: _Rows, cent: torch.Tensor, lst) -> bool:
-    """Whether the stats pass reads whole centroid tiles by TMA (``STATS_TMA``: decode, a contiguous flat set)."""
+    """Whether the stats pass reads whole centroid tiles by TMA (``STATS_TMA``: decode, a contiguous flat set).
+    Only where it was measured and tested: head_dim <= 128 (as the prefill attention's descriptors), and a
+    16-byte aligned start, which TMA requires (a contiguous slice of a larger tensor may start anywhere)."""
     return (STATS_TMA and rq.decode and lst is None and TensorDescriptor is not None and cent.is_contiguous()
+            and rq.d <= 128 and cent.data_ptr() % 16 == 0
             and (is_hopper(cent.device) or is_interpreter(cent.device)))
 
 
