@@ -128,7 +128,7 @@ def kept_keys(selected: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 # The L2 state each timed call starts from. do_bench empties the L2 before every call by *writing* 256 MB of
 # zeros, so each call starts with the L2 (60 MB on the H200) full of dirty lines that it has to write back to
 # DRAM as its own reads evict them: a fixed cost of up to ~60 MB of writes, charged to whatever is timed
-# ("dirty", every table before 2026-11-30). In a model, the kernels before an attention layer mostly read
+# ("dirty": every table before 2026-11-29 19:16 UTC). In a model, the kernels before an attention layer mostly read
 # (weights, the KV cache) and write little, so its L2 is cold but clean: "clean" empties the L2 by *reading*
 # 256 MB instead. Both are cold; the difference is the write-back alone.
 L2_STATES = ("dirty", "clean")
