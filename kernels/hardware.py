@@ -47,6 +47,15 @@ def is_interpreter(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def tma_tiles(device: torch.device, head_dim: int, interpreter: bool = False) -> bool:
+    """Whole ``(rows, head_dim)`` tiles can be read through tensor descriptors here: a Triton that has them, a
+    Hopper+ GPU (or, with ``interpreter``, the CPU interpreter, which runs them too), and head_dim <= 128, the
+    only rows the descriptor paths were measured and tested with."""
+    if TensorDescriptor is None or head_dim > 128:
+        return False
+    return is_hopper(device) or (interpreter and is_interpreter(device))
+
+
 # Programmatic dependent launch (Hopper+) in the decode chain (stats -> scores/selection/list -> attention ->
 # combine): each kernel after the first is launched with ``launch_pdl=True`` and waits (``gdc_wait``) before
 # it reads anything the kernel before it wrote, so its launch and set-up overlap the previous kernel's tail,

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import PDL_MAX_ROWS, TensorDescriptor, is_hopper, is_interpreter, num_sms, pdl_launch, use_pdl
+from .hardware import PDL_MAX_ROWS, TensorDescriptor, num_sms, pdl_launch, tma_tiles, use_pdl
 from .reference import check_dynamic_keys, dynamic_lse
 from .tiles import LOG2E, _row_tile
 from .worklist import _SLOTS, _expand_markers, check_pins, expand_worklist, select_worklist
@@ -381,12 +381,11 @@ def _check_centroids(centroids: torch.Tensor, log_counts: torch.Tensor, kv_heads
 
 
 def _stats_tma(rq: _Rows, cent: torch.Tensor, lst) -> bool:
-    """Whether the stats pass reads whole centroid tiles by TMA (``STATS_TMA``: decode, a contiguous flat set).
-    Only where it was measured and tested: head_dim <= 128 (as the prefill attention's descriptors), and a
-    16-byte aligned start, which TMA requires (a contiguous slice of a larger tensor may start anywhere)."""
-    return (STATS_TMA and rq.decode and lst is None and TensorDescriptor is not None and cent.is_contiguous()
-            and rq.d <= 128 and cent.data_ptr() % 16 == 0
-            and (is_hopper(cent.device) or is_interpreter(cent.device)))
+    """Whether the stats pass reads whole centroid tiles by TMA (``STATS_TMA``: decode, a contiguous flat set,
+    where :func:`.hardware.tma_tiles` allows it), from a 16-byte aligned start, which TMA requires (a contiguous
+    slice of a larger tensor may start anywhere)."""
+    return (STATS_TMA and rq.decode and lst is None and cent.is_contiguous() and cent.data_ptr() % 16 == 0
+            and tma_tiles(cent.device, rq.d, interpreter=True))
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,

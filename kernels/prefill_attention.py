@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import TensorDescriptor, is_hopper  # without descriptors the gathering kernel serves prefill
+from .hardware import TensorDescriptor, tma_tiles  # without descriptors the gathering kernel serves prefill
 from .tiles import LOG2E, _causal_tiles, _online_tile, _row_tile, _work_keys
 
 # rows copied per compaction program; a multiple of every attention tile (BLOCK_N <= 128)
@@ -36,9 +36,7 @@ def compact_available(device: torch.device, dtype: torch.dtype, head_dim: int) -
     """True where prefill takes this path by default: CUDA with TMA (compute capability >= 9), a Triton with
     tensor descriptors, and the measured case (16-bit K/V, head_dim <= 128: see :func:`prefill_tiles`).
     Elsewhere the gathering kernel is the default (tests force this path on the CPU interpreter)."""
-    if TensorDescriptor is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return head_dim <= 128 and is_hopper(device)
+    return dtype in (torch.bfloat16, torch.float16) and tma_tiles(device, head_dim)
 
 
 def prefill_tiles(dtype: torch.dtype, head_dim: int, on_gpu: bool) -> tuple[int, int, int, int]:
