@@ -200,6 +200,12 @@ def bench(fn, graph: bool = False, l2: str = "dirty") -> float:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def bench_cold(times: dict, key: str, fn, graph: bool = False) -> None:
+    """``times[key]`` from do_bench's dirty L2 and ``times[key + "_clean"]`` from a clean one (``L2_STATES``)."""
+    for l2 in L2_STATES:
+        times[key + ("_clean" if l2 == "clean" else "")] = bench(fn, graph=graph, l2=l2)
+
+
 def profile_kernels(fn, log, label: str, reps: int = 20) -> dict:
     """Mean device time per call of each kernel that ``fn`` launches (eager, torch.profiler / CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
@@ -360,10 +366,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         return fn
 
     t_ = {}
-    t_["ours_flat"] = bench(ours(False), graph=True)
-    t_["ours_hier"] = bench(ours(True), graph=True)
-    t_["ours_flat_clean"] = bench(ours(False), graph=True, l2="clean")
-    t_["ours_hier_clean"] = bench(ours(True), graph=True, l2="clean")
+    bench_cold(t_, "ours_flat", ours(False), graph=True)
+    bench_cold(t_, "ours_hier", ours(True), graph=True)
     t_["ours_flat_fp8"] = bench(ours(False, lookup=fp8), graph=True)
     t_["ours_hier_fp8"] = bench(ours(True, lookup=fp8), graph=True)
     t_["ours_flat_unfused"] = bench(ours_unfused(False), graph=True)
@@ -546,23 +550,17 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     # dense baselines over corpus + dynamic keys, a copy per row as a dense cache holds it
     kf = torch.cat([keys.unsqueeze(0).expand(batch, -1, -1, -1), dk], 2).contiguous()
     vf = torch.cat([values.unsqueeze(0).expand(batch, -1, -1, -1), dv], 2).contiguous()
-    for l2, sfx in (("dirty", ""), ("clean", "_clean")):
-        t_["sdpa" + sfx] = bench(lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True),
-                                 l2=l2)
+    bench_cold(t_, "sdpa", lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            for l2, sfx in (("dirty", ""), ("clean", "_clean")):
-                t_["sdpa_fa2" + sfx] = bench(
-                    lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True), l2=l2)
+            bench_cold(t_, "sdpa_fa2", lambda: F.scaled_dot_product_attention(q, kf, vf, scale=scale, enable_gqa=True))
     except Exception as exc:
         rec["sdpa_fa2_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         if batch == 1:  # the FA2 backend without GQA support: the KV heads repeated (not counted in the time)
             kr, vr = kf.repeat_interleave(G, 1), vf.repeat_interleave(G, 1)
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                for l2, sfx in (("dirty", ""), ("clean", "_clean")):
-                    t_["sdpa_fa2" + sfx] = bench(lambda: F.scaled_dot_product_attention(q, kr, vr, scale=scale),
-                                                 l2=l2)
+                bench_cold(t_, "sdpa_fa2", lambda: F.scaled_dot_product_attention(q, kr, vr, scale=scale))
             del kr, vr
     if flex_fn is not None and n in args.flex_sizes and batch in args.flex_batches:
         try:
