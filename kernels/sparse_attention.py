@@ -224,11 +224,19 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
                                  cfg.block_n or bn, cfg.num_warps or w, cfg.num_stages or st)
     sms = num_sms(dev)
     block_m = cfg.block_m or (16 if decode else (64 if on_gpu else 32))
-    block_n = cfg.block_n or ((128 if decode else 64) if on_gpu else 32)
-    warps = cfg.num_warps or 4
-    stages = cfg.num_stages or (2 if decode else 3)
     m_tiles = triton.cdiv(rows, block_m)
     programs = b * kvh * m_tiles
+    # Decode with many (row, KV head) programs (batch 8 x 8 KV heads = 64 on 132 SMs) takes 64-key tiles and twice
+    # the splits: more, smaller programs in flight. Attention alone, strided splits, ms (128K / 512K, batch 8;
+    # kernels_notes.md 2026-11-29 20:44): 64 keys / 2 stages / 10 splits 0.1101 / 0.3557 against 0.1136 / 0.3691
+    # for 128 keys / 5 splits (8 splits 0.1295 / 0.4392; 3 stages slower). Batch 1 (8 programs) keeps 128-key
+    # tiles: the best 64-key variant there (3 stages, 48 splits) took 0.0700 against 0.0705 at 512K and 0.0293
+    # against 0.0304 at 128K, single timings of the attention alone, within what one run varies at 512K.
+    # Where the programs fill the GPU without splits the tiles stay as they were (not measured).
+    wide = decode and on_gpu and corpus is not None and sms <= 4 * programs < 4 * sms
+    block_n = cfg.block_n or ((64 if wide else 128 if decode else 64) if on_gpu else 32)
+    warps = cfg.num_warps or 4
+    stages = cfg.num_stages or (2 if decode else 3)
     if corpus is None:
         n_split_c = 1
     elif cfg.num_splits is not None:
@@ -243,7 +251,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         # 0.039 / 0.044 ms at 128K and 0.153 / 0.096 / 0.074 / 0.088 / 0.089 at 512K; 64-key tiles with 66
         # splits 0.035 / 0.076, 3 stages (128 or 64 keys) slower everywhere (kernels_sweep_20261129-0151).
         n_keys = corpus[0].shape[1]
-        n_split_c = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n_keys, 8 * block_n)))
+        n_split_c = max(1, min((2 if wide else 1) * triton.cdiv(2 * sms, programs), triton.cdiv(n_keys, 8 * block_n)))
         if programs >= sms:
             n_split_c = 1
     n_split_total = n_split_c  # the dynamic keys are shared out over the same splits

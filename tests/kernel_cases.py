@@ -143,6 +143,9 @@ GPU_CASES: dict[str, dict] = {
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
+    # batch 8: 64 (row, KV head) programs, where decode takes 64-key tiles and twice the splits
+    "real-squeezed-decode-b8": dict(kind="squeezed", b=8, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100,
+                                    m=300),
     "real-squeezed-prefill": dict(kind="squeezed", b=1, kvh=8, g=4, t=256, d=128, c=1638, n=32768, tail=100,
                                   m=256),
     # the gathering kernel, which prefill takes where there is no TMA
