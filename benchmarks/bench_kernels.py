@@ -437,11 +437,15 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             log(f"  lookup sweep {mode} {lc}: {lk[str(lc)]}")
         rec["sweep_lookup"] = lk
 
-    if args.decode_sweep and mode == "decode" and batch == 1 and n >= 131072:
-        # decode attention tiles x splits (one CTA of 128-key tiles, 2 stages, holds 128 KB of shared memory)
+    if args.decode_sweep and mode == "decode" and n >= 131072:
+        # decode attention tiles x splits per (row, KV head), as block_n / stages / warps / splits; the defaults:
+        # 128 / 2 / 4 / 33 at batch 1, 64 / 2 / 4 / 10 at batch 8 (128 / 2 / 4 / 5 before 2026-11-29 20:48)
         ds = {}
-        for bn, st, w, sp in ((128, 2, 4, 33), (128, 3, 4, 33), (128, 3, 4, 66), (64, 2, 4, 66), (64, 3, 4, 66),
-                              (64, 2, 4, 132), (32, 3, 4, 132), (128, 2, 4, 24)):
+        variants = (((128, 2, 4, 33), (128, 2, 4, 40), (128, 2, 4, 48), (128, 3, 4, 33), (128, 2, 8, 33),
+                     (64, 2, 4, 66), (64, 3, 4, 66), (64, 3, 4, 48), (64, 4, 4, 66), (128, 2, 4, 24))
+                    if batch == 1 else
+                    ((128, 2, 4, 5), (128, 2, 4, 8), (128, 3, 4, 5), (64, 2, 4, 10), (64, 3, 4, 10), (128, 2, 4, 3)))
+        for bn, st, w, sp in variants:
             cfg = AttentionConfig(block_n=bn, num_stages=st, num_warps=w, num_splits=sp)
             try:
                 ds[f"{bn}/{st}/{w}/{sp}"] = bench(lambda: tri.squeezed_attention(
@@ -633,33 +637,46 @@ def launch_ab(ours, log, tag: str) -> dict:
     return ab
 
 
+def switch_ab(variants: dict, ours, selection, equal: tuple[str, ...] = ()) -> dict:
+    """A/B in one process of code paths that module attributes switch: ``variants`` = name -> {(module,
+    attribute): value}. Under each variant, the flat whole path (``ours(False)``) from a dirty and a clean L2 and
+    the lookup + selection + work list (``selection(False)``), alternated twice. ``equal``: variant names whose
+    selection and output must equal the first of them bit for bit (recorded as ``<name> equal``)."""
+    def under(values, fn):
+        saved = {key: getattr(*key) for key in values}
+        try:
+            for (mod, attr), value in values.items():
+                setattr(mod, attr, value)
+            return fn()
+        finally:
+            for (mod, attr), value in saved.items():
+                setattr(mod, attr, value)
+
+    ab = {}
+    got = {name: under(variants[name], lambda: (selection(False)[1], ours(False)())) for name in equal}
+    for name in equal[1:]:
+        ab[f"{name} equal"] = bool(torch.equal(got[equal[0]][0], got[name][0])
+                                   and torch.equal(got[equal[0]][1], got[name][1]))
+    for rep in range(2):
+        for name, values in variants.items():
+            ab[f"whole {name} #{rep}"] = under(values, lambda: bench(ours(False), graph=True))
+            ab[f"whole clean {name} #{rep}"] = under(values, lambda: bench(ours(False), graph=True, l2="clean"))
+            ab[f"lookup+select+list {name} #{rep}"] = under(values, lambda: bench(lambda: selection(False),
+                                                                                   graph=True))
+    return ab
+
+
+def _log_ab(log, title: str, ab: dict) -> dict:
+    log(f"  {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    return ab
+
+
 def stats_tma_ab(ours, selection, log, tag: str) -> dict:
-    """The lookup's stats pass reading centroid tiles by TMA (``sqz_kernels.lookup.STATS_TMA``) off / on, flat,
-    A/B in one process (alternated twice), from a dirty and a clean L2; plus equality of the two selections and
-    outputs."""
+    """The lookup's stats pass reading centroid tiles by TMA (``sqz_kernels.lookup.STATS_TMA``) off / on, flat."""
     from sqz_kernels import lookup as lookup_mod
 
-    saved = lookup_mod.STATS_TMA
-    ab = {}
-    try:
-        got = {}
-        for on in (False, True):
-            lookup_mod.STATS_TMA = on
-            got[on] = (selection(False)[1], ours(False)())
-        ab["selection_equal"] = bool(torch.equal(got[False][0], got[True][0]))
-        ab["output_equal"] = bool(torch.equal(got[False][1], got[True][1]))
-        for rep in range(2):
-            for on in (False, True):
-                lookup_mod.STATS_TMA = on
-                t = f"tma {'on' if on else 'off'} #{rep}"
-                ab[f"whole {t}"] = bench(ours(False), graph=True)
-                ab[f"whole clean {t}"] = bench(ours(False), graph=True, l2="clean")
-                ab[f"lookup+select+list {t}"] = bench(lambda: selection(False), graph=True)
-    finally:
-        lookup_mod.STATS_TMA = saved
-    log(f"  stats TMA A/B {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in ab.items()))
-    return ab
+    variants = {f"tma {state}": {(lookup_mod, "STATS_TMA"): state == "on"} for state in ("off", "on")}
+    return _log_ab(log, f"stats TMA A/B {tag}", switch_ab(variants, ours, selection, equal=tuple(variants)))
 
 
 def lookup_ab(ours, log, tag: str) -> dict:
