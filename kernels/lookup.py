@@ -43,7 +43,7 @@ import triton.language as tl
 from .hardware import PDL_MAX_ROWS, TensorDescriptor, num_sms, pdl_launch, tma_tiles, use_pdl
 from .reference import check_dynamic_keys, dynamic_lse
 from .tiles import LOG2E, _row_tile
-from .worklist import _SLOTS, _expand_markers, check_pins, expand_worklist, select_worklist
+from .worklist import _SLOTS, _expand_gather, _expand_markers, check_pins, expand_worklist, select_worklist
 
 LN2 = 0.6931471805599453
 
@@ -61,6 +61,15 @@ _STORE_LOGITS_MAX_ROWS = 16
 # 1.2346 / 1.2346 and 512K 4.5203 / 4.5123 -> 4.5544 / 4.5442 (slower). SQZ_SEPARATE_EXPAND=1 selects the
 # separate launch in decode too (for A/B timings; the benchmark's --decode-ab flips this attribute).
 _FUSE_EXPAND = os.environ.get("SQZ_SEPARATE_EXPAND") != "1"
+
+# The decode scores pass expands its block's work list by a binary search over the block's sizes held in
+# registers (worklist._expand_gather: tl.gather, no global round trip) instead of markers written to and read
+# back from global memory (worklist._expand_markers). A/B in one process on the H200 (whole path, ms, markers ->
+# gather, two alternations; kernels_notes.md run 33): decode batch 1 128K 0.0432 / 0.0430 -> 0.0420 / 0.0421, 512K
+# 0.0987 / 0.0988 -> 0.0985 / 0.0986; batch 8 128K 0.1419 / 0.1423 -> 0.1419 / 0.1419, 512K 0.4669 / 0.4665 ->
+# 0.4660 / 0.4660; the same work lists. Prefill keeps the markers in its own launch (not measured with the
+# gather). SQZ_EXPAND_GATHER=0 (or this attribute) selects the markers in decode too.
+EXPAND_GATHER = os.environ.get("SQZ_EXPAND_GATHER") != "0"
 
 # Decode: the stats pass over a flat centroid set reads each tile with one TMA bulk copy (a tensor descriptor)
 # instead of per-thread loads, where the device has TMA (and under the interpreter, which runs descriptors too).
@@ -178,7 +187,7 @@ def _scores_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
     EXPAND: tl.constexpr, PRUNED: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
-    PDL: tl.constexpr, REDUCE_MAX: tl.constexpr,
+    PDL: tl.constexpr, REDUCE_MAX: tl.constexpr, GATHER_STEPS: tl.constexpr,
 ):
     if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
         tl.extra.cuda.gdc_launch_dependents()
@@ -199,8 +208,8 @@ def _scores_kernel(
     d = tl.arange(0, HEAD_DIM)
     lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf"))
     if SELECT:  # the cluster sizes, loaded with the log counts (after the stores they were one more round trip)
-        c_size = (tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
-                  - tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)).to(tl.int32)
+        c_end = tl.load(C_OFFS + kvh * stride_coff + c + 1, mask=jm, other=0)
+        c_size = (c_end - tl.load(C_OFFS + kvh * stride_coff + c, mask=jm, other=0)).to(tl.int32)
     if not FROM_LOGITS:
         cent = _widen(tl.load(CENT + kvh.to(tl.int64) * stride_ch + c[:, None].to(tl.int64) * stride_cc + d[None, :],
                               mask=jm[:, None], other=0.0), Q)
@@ -280,8 +289,12 @@ def _scores_kernel(
             local = tl.cumsum(size, 0)
             cum_row = CUM + row.to(tl.int64) * n_cent
             tl.store(cum_row + c, base + local, mask=jm)
-            _expand_markers(IDX + row.to(tl.int64) * idx_cap + base, cum_row, C_OFFS + kvh * stride_coff,
-                            c, jm, size, local, total, base, pid_c * BLOCK_C, SLOTS)
+            if GATHER_STEPS:
+                _expand_gather(IDX + row.to(tl.int64) * idx_cap + base, local, c_end.to(tl.int32), total,
+                               GATHER_STEPS, SLOTS)
+            else:
+                _expand_markers(IDX + row.to(tl.int64) * idx_cap + base, cum_row, C_OFFS + kvh * stride_coff,
+                                c, jm, size, local, total, base, pid_c * BLOCK_C, SLOTS)
         else:
             tl.store(flags + pid_c, total)
         if PRUNED:
@@ -468,6 +481,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
         EXPAND=wl is not None, PRUNED=pruned is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
         PDL=pdl, REDUCE_MAX=reduce_max,
+        GATHER_STEPS=(block_c - 1).bit_length() if wl is not None and EXPAND_GATHER else 0,
         num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
 

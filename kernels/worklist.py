@@ -22,7 +22,8 @@ us (benchmarks/results/kernels_worklist_search_20261128-2339 against kernels_202
 
 :func:`select_worklist` folds the threshold selection into launch 1; :func:`.lookup.centroid_selection`
 folds it and launch 1 into the lookup's scores pass and calls :func:`expand_worklist` alone (prefill), or
-in decode also runs launch 2's expansion (:func:`_expand_markers`) inside that scores pass.
+in decode also runs launch 2's expansion inside that scores pass, there by a binary search with ``tl.gather``
+over the block's sizes in registers (:func:`_expand_gather`) rather than the markers.
 
 The list has room for every index (``capacity`` = the total length); slots at and after ``cum[-1]`` are
 left unwritten and are never read (readers bound themselves by ``cum[-1]``).
@@ -115,6 +116,26 @@ def _expand_markers(idx_row, cum_row, offs_row, c, cm, size, local, total, base,
         cum_c = tl.load(cum_row + first + m, mask=valid, other=0) - base
         end = tl.load(offs_row + first + m + 1, mask=valid, other=0).to(tl.int32)
         tl.store(idx_row + j, end - (cum_c - j), mask=valid)
+
+
+@triton.jit
+def _expand_gather(idx_row, local, ends, total, STEPS: tl.constexpr, SLOTS: tl.constexpr):
+    """Expand one chunk of ranges into its ``total`` output slots at ``idx_row``, like :func:`_expand_markers`,
+    from registers alone: ``local`` the inclusive prefix of the chunk's selected sizes, ``ends`` each range's
+    end (``offsets[c + 1]``), both one value per range of the chunk (``2**STEPS`` ranges). Slot ``j`` finds its
+    range by a binary search over ``local`` with ``tl.gather`` (shared memory inside the program) instead of
+    marker stores, barriers and loads through global memory."""
+    n: tl.constexpr = 1 << STEPS
+    for s0 in range(0, total, SLOTS):
+        j = s0 + tl.arange(0, SLOTS)
+        lo = tl.zeros([SLOTS], dtype=tl.int32)
+        hi = tl.full([SLOTS], n - 1, tl.int32)
+        for _ in tl.static_range(STEPS):  # the first range whose inclusive prefix passes j holds slot j
+            mid = (lo + hi) // 2
+            right = tl.gather(local, mid, 0) <= j
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(right, hi, mid)
+        tl.store(idx_row + j, tl.gather(ends, lo, 0) - (tl.gather(local, lo, 0) - j), mask=j < total)
 
 
 @triton.jit

@@ -63,6 +63,9 @@ _case("selection-decode", kind="selection", b=2, kvh=2, g=4, t=1, d=64, c=150, n
 # 600 clusters: 3 scores blocks of 256 per row, so the fused work-list expansion waits on earlier blocks
 _case("selection-decode-blocks", kind="selection", b=1, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
       dtype="float16")
+# the same with the decode expansion by markers through global memory (lookup.EXPAND_GATHER off)
+_case("selection-decode-blocks-markers", kind="selection", b=1, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16", expand_gather=False)
 # flat prefill: 128-cluster scores blocks (recomputed logits), 3 per row; the work list in its own launch
 _case("selection-prefill-flat", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
       dtype="float32")
@@ -328,7 +331,29 @@ def _selection_case(name, p, device, dtype, gen, tol):
     return _report(f"{name} attention", out, ref_out, *tol["out"])
 
 
+# case parameters that switch a kernel module's code path for the case: param -> (module, attribute)
+_SWITCHES = {"stats_tma": ("lookup", "STATS_TMA"), "expand_gather": ("lookup", "EXPAND_GATHER")}
+
+
 def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> str | None:
+    """Run one case: None when it passes, else what failed. Switch parameters (``_SWITCHES``) hold for the case."""
+    import importlib
+
+    p = CASES[name] if name in CASES else GPU_CASES[name]
+    saved = []
+    try:
+        for param, (module, attr) in _SWITCHES.items():
+            if param in p:
+                mod = importlib.import_module(f"sqz_kernels.{module}")
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, p[param])
+        return _run_case(name, device, dtype, seed)
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
+
+
+def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | None:
     import torch
     import torch.nn.functional as F
 
@@ -350,14 +375,7 @@ def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int
         q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
         scale = d ** -0.5
         if kind == "lookup":
-            from sqz_kernels import lookup as lookup_mod
-
-            saved = lookup_mod.STATS_TMA
-            lookup_mod.STATS_TMA = p.get("stats_tma", saved)
-            try:
-                got = tri.centroid_scores(q, cent, logn, scale)
-            finally:
-                lookup_mod.STATS_TMA = saved
+            got = tri.centroid_scores(q, cent, logn, scale)
             want = ref.centroid_scores(q, cent, logn, scale)
             return _report(name, got, want, *tol["score"])
         l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
