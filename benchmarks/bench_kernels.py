@@ -544,6 +544,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     if args.prefill_ab and mode == "prefill":
         rec["prefill_ab"] = prefill_ab(q, keys, values, offs, sel_flat, wl, dk, dv, scale, ours, selection, log,
                                        tag=f"N={n}")
+    if args.expand_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
+        rec["expand_ab"] = expand_ab(ours, selection, log, tag=f"N={n} batch={batch}")
     if args.tma_ab and (n >= 131072 or DEV == "cpu"):
         rec["stats_tma_ab"] = stats_tma_ab(ours, selection, log, tag=f"N={n} {mode} batch={batch}")
     if args.launch_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
@@ -679,6 +681,15 @@ def stats_tma_ab(ours, selection, log, tag: str) -> dict:
     return _log_ab(log, f"stats TMA A/B {tag}", switch_ab(variants, ours, selection, equal=tuple(variants)))
 
 
+def expand_ab(ours, selection, log, tag: str) -> dict:
+    """Decode: the scores pass's work-list expansion by markers through global memory or by a binary search with
+    tl.gather over the block's sizes in registers (``sqz_kernels.lookup.EXPAND_GATHER``), flat."""
+    from sqz_kernels import lookup as lookup_mod
+
+    variants = {f"expand {way}": {(lookup_mod, "EXPAND_GATHER"): way == "gather"} for way in ("markers", "gather")}
+    return _log_ab(log, f"expansion A/B {tag}", switch_ab(variants, ours, selection, equal=tuple(variants)))
+
+
 def lookup_ab(ours, log, tag: str) -> dict:
     """Decode: lookup tiles of the fused selection (scores block / warps, stats stages / splits) on the whole
     path (``ours(False, config)``, flat), A/B in one process (alternated twice)."""
@@ -777,6 +788,8 @@ def main():
     ap.add_argument("--launch-ab", action="store_true",
                     help="decode (N >= 128K): programmatic dependent launch as kept / attention too / off, A/B")
     ap.add_argument("--tma-ab", action="store_true", help="N >= 128K: the stats pass by TMA off / on, A/B (flat)")
+    ap.add_argument("--expand-ab", action="store_true",
+                    help="decode (N >= 128K): the scores pass's work-list expansion by markers / by tl.gather, A/B")
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
     ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",
