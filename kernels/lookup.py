@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_ROWS, TensorDescriptor, num_sms, pdl_launch, tma_tiles, use_pdl
-from .reference import check_dynamic_keys, dynamic_lse
+from .reference import CENTROID_DTYPES, check_dynamic_keys, dynamic_lse
 from .tiles import LOG2E, _row_tile
 from .worklist import _SLOTS, _expand_gather, _expand_markers, check_pins, expand_worklist, select_worklist
 
@@ -79,10 +79,10 @@ EXPAND_GATHER = os.environ.get("SQZ_EXPAND_GATHER") != "0"
 # 0.932 -> 0.935, 512K 3.25 -> 3.28 with TMA. SQZ_STATS_TMA=0 (or this attribute) turns it off.
 STATS_TMA = os.environ.get("SQZ_STATS_TMA") != "0"
 
-# Centroid dtypes the lookup reads. fp8 (e4m3) centroids halve the bytes of the decode lookup, which reads every
-# centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3 value is a
-# bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are not rounded.
-CENTROID_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+# Centroid dtypes (reference.CENTROID_DTYPES): fp8 (e4m3) centroids halve the bytes of the decode lookup, which
+# reads every centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3
+# value is a bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are
+# not rounded.
 
 
 @triton.jit

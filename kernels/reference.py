@@ -24,6 +24,10 @@ import torch
 
 NEG_INF = float("-inf")
 
+# The centroid dtypes the lookup takes (both twins; the engine's SqueezeConfig.centroid_dtype names these): float32,
+# the KV's 16-bit dtypes, and float8 e4m3 (a quarter of float32's bytes).
+CENTROID_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
 
 def _group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(B, H, T, D) -> (B, KVH, G, T, D) float32, the query heads of one KV head together."""

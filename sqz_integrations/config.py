@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sqz_kernels import BACKENDS, reference
+
 SELECTIONS = ("threshold", "fixed")
-BACKENDS = ("auto", "triton", "torch")
-CENTROID_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
+# the names of the kernels' own lists (sqz_kernels and its torch reference import no Triton)
+CENTROID_DTYPES = ("auto", *(str(dt).removeprefix("torch.") for dt in reference.CENTROID_DTYPES))
 
 
 def check_budget(kv_budget: float, name: str = "kv_budget") -> float:
