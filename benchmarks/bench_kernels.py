@@ -206,6 +206,12 @@ def bench_cold(times: dict, key: str, fn, graph: bool = False) -> None:
         times[key + ("_clean" if l2 == "clean" else "")] = bench(fn, graph=graph, l2=l2)
 
 
+def _log_ab(log, title: str, ab: dict) -> dict:
+    """One log line for an A/B or sweep record (times to 4 decimals, anything else as is); returns ``ab``."""
+    log(f"  {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+    return ab
+
+
 def profile_kernels(fn, log, label: str, reps: int = 20) -> dict:
     """Mean device time per call of each kernel that ``fn`` launches (eager, torch.profiler / CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
@@ -508,8 +514,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         finally:
             lookup_mod._FUSE_EXPAND = saved
         rec["decode_ab"] = ab
-        log(f"  fused-expand A/B N={n} {mode} batch={batch}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+        _log_ab(log, f"fused-expand A/B N={n} {mode} batch={batch}", ab)
     if args.pdl_ab and mode == "decode" and DEV == "cuda":
         # programmatic dependent launch in the decode chain off / on (sqz_kernels.hardware.PDL), A/B in one
         # process, twice in alternation; plus bit-equality of the outputs and work lists of the two
@@ -535,8 +540,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         finally:
             hw_mod.PDL = saved
         rec["pdl_ab"] = ab
-        log(f"  PDL A/B N={n} {mode} batch={batch}: " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
+        _log_ab(log, f"PDL A/B N={n} {mode} batch={batch}", ab)
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.fp8_sweep and mode == "decode" and (n >= 131072 or DEV == "cpu"):
@@ -635,8 +639,7 @@ def launch_ab(ours, log, tag: str) -> dict:
                 ab[f"whole {name} #{rep}"] = bench(whole, graph=True)
     finally:
         hw_mod.PDL, sa_mod.PDL_MAX_KEYS = saved
-    log(f"  launch A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
-    return ab
+    return _log_ab(log, f"launch A/B {tag}", ab)
 
 
 def switch_ab(variants: dict, ours, selection, equal: tuple[str, ...] = ()) -> dict:
@@ -665,11 +668,6 @@ def switch_ab(variants: dict, ours, selection, equal: tuple[str, ...] = ()) -> d
             ab[f"whole clean {name} #{rep}"] = under(values, lambda: bench(ours(False), graph=True, l2="clean"))
             ab[f"lookup+select+list {name} #{rep}"] = under(values, lambda: bench(lambda: selection(False),
                                                                                    graph=True))
-    return ab
-
-
-def _log_ab(log, title: str, ab: dict) -> dict:
-    log(f"  {title}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ab.items()))
     return ab
 
 
@@ -709,8 +707,7 @@ def lookup_ab(ours, log, tag: str) -> dict:
     for rep in range(2):
         for name, lc in variants.items():
             ab[f"whole {name} #{rep}"] = bench(ours(False, lc), graph=True)
-    log(f"  lookup A/B {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in ab.items()))
-    return ab
+    return _log_ab(log, f"lookup A/B {tag}", ab)
 
 
 def fp8_sweep(ours, bf16, fp8, log, tag: str) -> dict:
@@ -729,9 +726,7 @@ def fp8_sweep(ours, bf16, fp8, log, tag: str) -> dict:
                 ab[f"{name} #{rep}"] = bench(ours(False, lc, lookup), graph=True)
             except Exception as e:  # a tile that does not fit (shared memory) is skipped, named
                 ab[f"{name} #{rep}"] = f"error: {type(e).__name__}"
-    log(f"  fp8 sweep {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in ab.items()))
-    return ab
+    return _log_ab(log, f"fp8 sweep {tag}", ab)
 
 
 def prefill_ab(q, keys, values, offs, sel, wl, dk, dv, scale, ours, selection, log, tag: str) -> dict:
@@ -766,9 +761,7 @@ def prefill_ab(q, keys, values, offs, sel, wl, dk, dv, scale, ours, selection, l
         qs = q[:, :, stride - 1::stride]
         ab[f"lookup+select+list flat, every {stride}th token"] = bench(lambda: selection(False, qs), graph=True)
         ab[f"lookup+select+list hier, every {stride}th token"] = bench(lambda: selection(True, qs), graph=True)
-    log(f"  prefill A/B {tag}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in ab.items()))
-    return ab
+    return _log_ab(log, f"prefill A/B {tag}", ab)
 
 
 def main():
