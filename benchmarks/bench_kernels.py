@@ -550,6 +550,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
                                        tag=f"N={n}")
     if args.expand_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["expand_ab"] = expand_ab(ours, selection, log, tag=f"N={n} batch={batch}")
+    if args.logn_ab and (n >= 131072 or DEV == "cpu"):
+        rec["logn_ab"] = logn_ab(ours, selection, log, tag=f"N={n} {mode} batch={batch}")
     if args.tma_ab and (n >= 131072 or DEV == "cpu"):
         rec["stats_tma_ab"] = stats_tma_ab(ours, selection, log, tag=f"N={n} {mode} batch={batch}")
     if args.launch_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
@@ -671,12 +673,18 @@ def switch_ab(variants: dict, ours, selection, equal: tuple[str, ...] = ()) -> d
     return ab
 
 
+def attr_ab(ours, selection, log, title: str, module, attr: str, labels: tuple[str, str]) -> dict:
+    """One boolean module attribute off / on (``labels``: the names of the two states) through
+    :func:`switch_ab`, flat, with the selections and outputs compared bit for bit."""
+    variants = {label: {(module, attr): on} for label, on in zip(labels, (False, True))}
+    return _log_ab(log, title, switch_ab(variants, ours, selection, equal=tuple(variants)))
+
+
 def stats_tma_ab(ours, selection, log, tag: str) -> dict:
     """The lookup's stats pass reading centroid tiles by TMA (``sqz_kernels.lookup.STATS_TMA``) off / on, flat."""
     from sqz_kernels import lookup as lookup_mod
 
-    variants = {f"tma {state}": {(lookup_mod, "STATS_TMA"): state == "on"} for state in ("off", "on")}
-    return _log_ab(log, f"stats TMA A/B {tag}", switch_ab(variants, ours, selection, equal=tuple(variants)))
+    return attr_ab(ours, selection, log, f"stats TMA A/B {tag}", lookup_mod, "STATS_TMA", ("tma off", "tma on"))
 
 
 def expand_ab(ours, selection, log, tag: str) -> dict:
@@ -684,8 +692,17 @@ def expand_ab(ours, selection, log, tag: str) -> dict:
     tl.gather over the block's sizes in registers (``sqz_kernels.lookup.EXPAND_GATHER``), flat."""
     from sqz_kernels import lookup as lookup_mod
 
-    variants = {f"expand {way}": {(lookup_mod, "EXPAND_GATHER"): way == "gather"} for way in ("markers", "gather")}
-    return _log_ab(log, f"expansion A/B {tag}", switch_ab(variants, ours, selection, equal=tuple(variants)))
+    return attr_ab(ours, selection, log, f"expansion A/B {tag}", lookup_mod, "EXPAND_GATHER",
+                   ("expand markers", "expand gather"))
+
+
+def logn_ab(ours, selection, log, tag: str) -> dict:
+    """The stats pass's log counts loaded in each tile's iteration or one tile ahead
+    (``sqz_kernels.lookup.LOGN_AHEAD``), flat."""
+    from sqz_kernels import lookup as lookup_mod
+
+    return attr_ab(ours, selection, log, f"log counts A/B {tag}", lookup_mod, "LOGN_AHEAD",
+                   ("log counts in tile", "log counts ahead"))
 
 
 def lookup_ab(ours, log, tag: str) -> dict:
@@ -783,6 +800,8 @@ def main():
     ap.add_argument("--tma-ab", action="store_true", help="N >= 128K: the stats pass by TMA off / on, A/B (flat)")
     ap.add_argument("--expand-ab", action="store_true",
                     help="decode (N >= 128K): the scores pass's work-list expansion by markers / by tl.gather, A/B")
+    ap.add_argument("--logn-ab", action="store_true",
+                    help="N >= 128K: the stats pass's log counts one tile ahead / in the tile's iteration, A/B")
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
     ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",

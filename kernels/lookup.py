@@ -79,6 +79,17 @@ EXPAND_GATHER = os.environ.get("SQZ_EXPAND_GATHER") != "0"
 # 0.932 -> 0.935, 512K 3.25 -> 3.28 with TMA. SQZ_STATS_TMA=0 (or this attribute) turns it off.
 STATS_TMA = os.environ.get("SQZ_STATS_TMA") != "0"
 
+# The stats pass over a flat centroid set with 3 or more pipeline stages (decode over > 16K clusters with few rows,
+# see _Rows.flat_stats_launch: each program streams ~6 tiles) loads each tile's log counts one tile ahead (a
+# loop-carried register prefetch) instead of in the tile's own iteration, where each tile waited for them after
+# its dot: a quarter of that pass's warp samples at 512K batch 1 (Nsight Compute, kernels_notes.md run 35). A/B
+# in one process on the H200, whole path, ms, two alternations, in the tile -> ahead: 512K batch 1 0.0977 /
+# 0.0975 -> 0.0968 / 0.0968 (clean L2 0.0913 / 0.0914 -> 0.0905 / 0.0904), batch 8 0.4634 / 0.4635 -> 0.4621 /
+# 0.4624; but 128K batch 1 (2 stages, 1-2 tiles per program) 0.0421 / 0.0422 -> 0.0436 / 0.0435, hence the
+# stage bound. SQZ_LOGN_AHEAD=0 (or this attribute) turns it off.
+LOGN_AHEAD = os.environ.get("SQZ_LOGN_AHEAD") != "0"
+_LOGN_AHEAD_MIN_STAGES = 3
+
 # Centroid dtypes (reference.CENTROID_DTYPES): fp8 (e4m3) centroids halve the bytes of the decode lookup, which
 # reads every centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3
 # value is a bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are
@@ -106,7 +117,7 @@ def _stats_kernel(
     logit_scale, n_flags,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
-    PDL: tl.constexpr, TMA: tl.constexpr,
+    PDL: tl.constexpr, TMA: tl.constexpr, LOGN_AHEAD: tl.constexpr,
 ):
     if PDL:  # the scores pass (launched with PDL) may be scheduled now; it waits for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -139,6 +150,10 @@ def _stats_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     cent_base = CENT + kvh.to(tl.int64) * stride_ch
+    logn_base = LOGN + kvh * stride_nh
+    if LOGN_AHEAD:  # the first tile's log counts; each iteration then loads the next tile's (see below)
+        lw_next = tl.load(logn_base + lo + tl.arange(0, BLOCK_C), mask=lo + tl.arange(0, BLOCK_C) < hi,
+                          other=float("-inf"))
     for start in range(lo, hi, BLOCK_C):
         j = start + tl.arange(0, BLOCK_C)
         jm = j < hi
@@ -146,6 +161,15 @@ def _stats_kernel(
             c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
         else:
             c = j
+        if LOGN_AHEAD:
+            # a flat set's log counts one tile ahead, in registers: loaded in the tile's own iteration, each
+            # tile waited for them after its dot (the decode stats pass's most sampled stall on the H200,
+            # a quarter of its warp samples at 512K batch 1; the centroid tiles themselves are pipelined)
+            lw_raw = lw_next
+            jn = j + BLOCK_C
+            lw_next = tl.load(logn_base + jn, mask=jn < hi, other=float("-inf"))
+        else:
+            lw_raw = tl.load(logn_base + c, mask=jm, other=float("-inf"))
         if TMA:
             # one bulk copy of the tile from the (KVH * C, d) view; rows past this head's centroids are the next
             # head's (or zeros past the end) and are masked out of w below
@@ -154,7 +178,7 @@ def _stats_kernel(
             cent = _widen(tl.load(cent_base + c[:, None].to(tl.int64) * stride_cc + d[None, :],
                                   mask=jm[:, None], other=0.0), Q)
         s = tl.dot(q.to(cent.dtype), tl.trans(cent)) * logit_scale  # (BLOCK_M, BLOCK_C), log2 units
-        lw = tl.load(LOGN + kvh * stride_nh + c, mask=jm, other=float("-inf")) * 1.4426950408889634
+        lw = lw_raw * 1.4426950408889634
         if USE_EXCL:
             ex = tl.load(EXCL + row.to(tl.int64) * n_cent + c, mask=jm, other=1)
             lw = tl.where(ex != 0, float("-inf"), lw)
@@ -407,6 +431,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
     tma = _stats_tma(rq, cent, lst)
+    stages = stages or rq.stages
     cdesc = TensorDescriptor.from_tensor(cent.view(-1, rq.d), [rq.block_c, rq.d]) if tma else dummy
     _stats_kernel[grid](
         rq.q, cent, cdesc, logn,
@@ -422,7 +447,8 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
         ZERO_FLAGS=flags is not None, PDL=pdl, TMA=tma,
-        num_warps=rq.warps, num_stages=stages or rq.stages,
+        LOGN_AHEAD=LOGN_AHEAD and lst is None and stages >= _LOGN_AHEAD_MIN_STAGES,
+        num_warps=rq.warps, num_stages=stages,
     )
 
 

@@ -52,8 +52,12 @@ _case("selection-decode-fp8", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=60
 # loads that other devices take, on the same case
 _case("lookup-decode-per-thread-loads", kind="lookup", b=2, kvh=2, g=4, t=1, d=64, c=37, dtype="float16",
       stats_tma=False)
-# decode over more than 16K clusters: the stats pass with 3 stages and 2 programs per SM (lookup.flat_stats_launch)
+# decode over more than 16K clusters: the stats pass with 3 stages and 2 programs per SM (lookup.flat_stats_launch),
+# several centroid tiles per split, its log counts loaded one tile ahead (lookup.LOGN_AHEAD); then the same with
+# them loaded in each tile's own iteration
 _case("lookup-decode-many-clusters", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500, dtype="float32")
+_case("lookup-decode-many-clusters-logn-in-tile", kind="lookup", b=1, kvh=1, g=4, t=1, d=32, c=16500,
+      dtype="float32", logn_ahead=False)
 _case("hier-decode", kind="hier", b=2, kvh=2, g=4, t=1, d=64, c=60, p=9, dtype="float32")
 _case("hier-prefill", kind="hier", b=1, kvh=2, g=3, t=21, d=64, c=60, p=9, dtype="float16")
 # 600 level-1 clusters: 3 level-1 scores blocks of 256 in decode, each writing the partial of its pruned clusters
@@ -332,7 +336,8 @@ def _selection_case(name, p, device, dtype, gen, tol):
 
 
 # case parameters that switch a kernel module's code path for the case: param -> (module, attribute)
-_SWITCHES = {"stats_tma": ("lookup", "STATS_TMA"), "expand_gather": ("lookup", "EXPAND_GATHER")}
+_SWITCHES = {"stats_tma": ("lookup", "STATS_TMA"), "expand_gather": ("lookup", "EXPAND_GATHER"),
+             "logn_ahead": ("lookup", "LOGN_AHEAD")}
 
 
 def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> str | None:
