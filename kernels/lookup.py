@@ -161,10 +161,7 @@ def _stats_kernel(
             c = tl.load(LIST + row.to(tl.int64) * n_cent + j, mask=jm, other=0)
         else:
             c = j
-        if LOGN_AHEAD:
-            # a flat set's log counts one tile ahead, in registers: loaded in the tile's own iteration, each
-            # tile waited for them after its dot (the decode stats pass's most sampled stall on the H200,
-            # a quarter of its warp samples at 512K batch 1; the centroid tiles themselves are pipelined)
+        if LOGN_AHEAD:  # this tile's log counts came with the previous iteration (LOGN_AHEAD above)
             lw_raw = lw_next
             jn = j + BLOCK_C
             lw_next = tl.load(logn_base + jn, mask=jn < hi, other=float("-inf"))

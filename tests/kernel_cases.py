@@ -141,6 +141,8 @@ GPU_CASES: dict[str, dict] = {
                                        tail=100, m=300, pins=0.02),
     "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                             tail=100, m=300, p=328, pins=0.02),
+    # 512K keys' worth of clusters at batch 1: the stats pass with 3 stages, the log counts one tile ahead
+    "real-lookup-decode-26k": dict(kind="lookup", b=1, kvh=8, g=4, t=1, d=128, c=26214),
     "real-lookup-decode-per-thread-loads": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, stats_tma=False),
     "real-lookup-decode-fp8": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, cent_dtype="float8_e4m3fn"),
     "real-lookup-prefill-fp8": dict(kind="lookup", b=1, kvh=8, g=4, t=256, d=128, c=1638, cent_dtype="float8_e4m3fn"),
