@@ -126,8 +126,8 @@ def markdown(result: dict) -> str:
                                                  for m in result["merged_from"]) + "."] if result.get("merged_from") else []),
         f"- Hardware: {hw['cpu']}, {hw['cores']} cores, {(hw['memory_bytes'] or 0) / 2**30:.0f} GiB, {hw['accelerator']}; "
         f"torch threads per process: {result['torch_threads']}.",
-        f"- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
-        + (f"; kvpress env: " + ", ".join(f"{k} {val}" for k, val in result["kvpress_versions"].items()) if result.get("kvpress_versions") else ""),
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + ("; kvpress env: " + ", ".join(f"{k} {val}" for k, val in result["kvpress_versions"].items()) if result.get("kvpress_versions") else ""),
         f"- Cases: {result['n_cases']} (lengths {s['lengths']} tokens x depths {[f'{d:g}' for d in s['depths']]} x kinds {s['kinds']}, "
         f"seed {result['settings']['seed']}); greedy, at most {result['settings']['max_new_tokens']} new tokens per needle kind; "
         "correct = the answer contains the expected value.",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import platform
 import time
 import traceback
@@ -238,7 +237,6 @@ def copy_bandwidth() -> float:
     x = torch.empty(2 << 30, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
-    del x, y
     return 2 * (2 << 30) / (ms * 1e-3) / 1e12
 
 
@@ -573,7 +571,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
             kr, vr = kf.repeat_interleave(G, 1), vf.repeat_interleave(G, 1)
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                 bench_cold(t_, "sdpa_fa2", lambda: F.scaled_dot_product_attention(q, kr, vr, scale=scale))
-            del kr, vr
+            kr = vr = None
     if flex_fn is not None and n in args.flex_sizes and batch in args.flex_batches:
         try:
             km = tri.cluster_key_mask(sel_flat, offs, n)
@@ -582,7 +580,7 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         except Exception as exc:
             rec["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             log(traceback.format_exc()[-2000:])
-    del kf, vf
+    kf = vf = None  # the dense copies are freed before what follows
 
     # bytes that had to move: kept corpus keys + values per row (+ tail), dynamic KV, centroids
     kv_row_bytes = 2 * D * keys.element_size()
