@@ -325,9 +325,10 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
                               logn, KEEP_FRAC)
     rec["kept_frac_fp8"] = float(kept_keys(sel8, offs).float().sum() / (batch * KVH * corpus["n_clustered"]))
     rec["fp8_recall"] = float(kept_keys(sel_flat & sel8, offs).float().sum() / flat_keys.sum().clamp_min(1))
-    if mode == "decode":  # what the selections are for: the attention mass of the clustered keys they keep
-        rec["mass_kept"] = {k: attention_mass(q, keys[:, :corpus["n_clustered"]], s_, offs, scale)
-                            for k, s_ in (("flat", sel_flat), ("flat_fp8", sel8), ("hier", sel_hier))}
+    # what the selections are for: the attention mass of the clustered keys they keep (prefill: over every query
+    # row, each against the one selection per head, as the sparse attention reads it)
+    rec["mass_kept"] = {k: attention_mass(q, keys[:, :corpus["n_clustered"]], s_, offs, scale)
+                        for k, s_ in (("flat", sel_flat), ("flat_fp8", sel8), ("hier", sel_hier))}
 
     # exactness on this case: ours vs the torch twin (sparse + causal + merge)
     from sqz_kernels import reference as ref
@@ -607,8 +608,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
 
 def attention_mass(q: torch.Tensor, keys: torch.Tensor, selected: torch.Tensor, offsets: torch.Tensor,
                    scale: float) -> float:
-    """Mean over batch rows and query heads of the softmax mass over the clustered ``keys`` (kv_heads, N, D)
-    that falls in the ``selected`` (batch, kv_heads, clusters) clusters."""
+    """Mean over batch rows, query heads and tokens of the softmax mass over the clustered ``keys``
+    (kv_heads, N, D) that falls in the ``selected`` (batch, kv_heads, clusters) clusters."""
     b, h, t, d = q.shape
     kvh, n = keys.shape[:2]
     qg = q.float().view(b, kvh, h // kvh * t, d)
@@ -878,7 +879,7 @@ def markdown(meta, records) -> str:
              "| N | mode | batch | ours flat | ours hier | unfused flat / hier | lookup flat / hier "
              "| lookup + sel. + list flat | attention | SDPA (cuDNN) | SDPA FA2 "
              "| Flex (same sel.) | speedup vs SDPA / FA2 / Flex | ours TB/s | kept | hier recall "
-             "| fp8 centroids: ours flat / hier, lookup flat | speedup vs SDPA, fp8 | fp8 recall | mass kept bf16 / fp8 "
+             "| fp8 centroids: ours flat / hier, lookup flat | speedup vs SDPA, fp8 | fp8 recall | mass kept flat / fp8 / hier "
              "| clean L2: ours flat / hier, SDPA, FA2 | clean L2: speedup vs SDPA / FA2 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -890,7 +891,8 @@ def markdown(meta, records) -> str:
         def f(k):
             return f"{t[k]:.3f}" if k in t else "-"
 
-        mass = (f"{r['mass_kept']['flat']:.3f} / {r['mass_kept']['flat_fp8']:.3f}" if "mass_kept" in r else "-")
+        mass = (" / ".join(f"{r['mass_kept'][k]:.3f}" for k in ("flat", "flat_fp8", "hier")) if "mass_kept" in r
+                else "-")
         sp = " / ".join(f"{r[k]:.2f}x" if k in r else "-" for k in ("speedup_vs_sdpa", "speedup_vs_fa2",
                                                                       "speedup_vs_flex"))
         lines.append(f"| {r['n'] // 1024}K | {r['mode']} | {r['batch']} | {f('ours_flat')} | {f('ours_hier')} | "
