@@ -90,15 +90,13 @@ STATS_TMA = os.environ.get("SQZ_STATS_TMA") != "0"
 LOGN_AHEAD = os.environ.get("SQZ_LOGN_AHEAD") != "0"
 _LOGN_AHEAD_MIN_STAGES = 3
 
-# Centroid dtypes (reference.CENTROID_DTYPES): fp8 (e4m3) centroids halve the bytes of the decode lookup, which
-# reads every centroid once per token; they are widened to the queries' dtype in registers (exactly: every e4m3
-# value is a bf16 / fp16 / fp32 value), so the dot is the queries' own 16-bit (or tf32) dot and the queries are
-# not rounded.
-
-
 @triton.jit
 def _widen(cent, Q):
-    """fp8 centroids -> the queries' dtype; other dtypes as stored (the queries then take theirs)."""
+    """fp8 centroids -> the queries' dtype; other dtypes as stored (the queries then take theirs).
+
+    Of the centroid dtypes (``reference.CENTROID_DTYPES``), fp8 (e4m3) halves the bytes of the decode lookup, which
+    reads every centroid once per token. Widening is exact (every e4m3 value is a bf16 / fp16 / fp32 value), so the
+    dot is the queries' own 16-bit (or tf32) dot and the queries are not rounded."""
     if cent.dtype.is_fp8():
         cent = cent.to(Q.dtype.element_ty)
     return cent
@@ -152,8 +150,8 @@ def _stats_kernel(
     cent_base = CENT + kvh.to(tl.int64) * stride_ch
     logn_base = LOGN + kvh * stride_nh
     if LOGN_AHEAD:  # the first tile's log counts; each iteration then loads the next tile's (see below)
-        lw_next = tl.load(logn_base + lo + tl.arange(0, BLOCK_C), mask=lo + tl.arange(0, BLOCK_C) < hi,
-                          other=float("-inf"))
+        j0 = lo + tl.arange(0, BLOCK_C)
+        lw_next = tl.load(logn_base + j0, mask=j0 < hi, other=float("-inf"))
     for start in range(lo, hi, BLOCK_C):
         j = start + tl.arange(0, BLOCK_C)
         jm = j < hi
