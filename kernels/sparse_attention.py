@@ -230,8 +230,9 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # the splits: more, smaller programs in flight. Attention alone, strided splits, ms (128K / 512K, batch 8;
     # kernels_notes.md 2026-11-29 20:44): 64 keys / 2 stages / 10 splits 0.1101 / 0.3557 against 0.1136 / 0.3691
     # for 128 keys / 5 splits (8 splits 0.1295 / 0.4392; 3 stages slower). Batch 1 (8 programs) keeps 128-key
-    # tiles: the best 64-key variant there (3 stages, 48 splits) took 0.0700 against 0.0705 at 512K and 0.0293
-    # against 0.0304 at 128K, single timings of the attention alone, within what one run varies at 512K.
+    # tiles: the best 64-key variant of the attention-alone sweep (3 stages, 48 splits: 0.0700 against 0.0705 at
+    # 512K) was much slower on the whole path as a rule (64 keys, 3 stages, ~3 programs per SM = 50 splits: 512K
+    # 0.0976 -> 0.1185 ms, 128K 0.0422 -> 0.0482; kernels_notes.md run 39).
     # Where the programs fill the GPU without splits the tiles stay as they were (not measured).
     wide = decode and on_gpu and corpus is not None and sms <= 4 * programs < 4 * sms
     block_n = cfg.block_n or ((64 if wide else 128 if decode else 64) if on_gpu else 32)
