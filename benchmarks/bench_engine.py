@@ -11,7 +11,9 @@ random words. Reported per corpus size: build time (prefill + K-means + calibrat
 peak memory, and per system the time to first token, the time per later token and the kept fraction.
 
 Usage: ``python benchmarks/bench_engine.py [--tokens 32768 131072] [--layers 8] [--budgets 0.25 0.1]``;
-``--cpu-smoke`` runs a tiny model on the CPU (the torch twins) to check this script.
+``--cpu`` runs the real SmolLM2-135M-Instruct (float32, the torch twins, one thread by default) on the CPU at
+6K corpus tokens (its window is 8K), what a CPU user of the engine waits for; ``--cpu-smoke`` runs a tiny model
+on the CPU to check this script.
 """
 from __future__ import annotations
 
@@ -215,7 +217,8 @@ def summarise(runs: list[dict]) -> dict:
 
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"Engine benchmark, {meta['date']}, {meta['device']}, torch {meta['torch']}, transformers "
-             f"{meta['transformers']}. Random Llama ({meta['layers']} layers, {meta['shape']}), {meta['dtype']}; "
+             f"{meta['transformers']}. {meta.get('model', 'Random Llama')} ({meta['layers']} layers, {meta['shape']}), "
+             f"{meta['dtype']}; "
              f"{meta['new_tokens']} new tokens per answer; copy_window {meta['config']['copy_window']}; medians over "
              "warm answers.", "",
              "| corpus tokens | build s | system | time to first token s | ms per later token | kept |",
@@ -242,21 +245,37 @@ def main() -> None:
     ap.add_argument("--profile", type=float, default=None, metavar="BUDGET",
                     help="after the first size, profile one answer at this budget (and at 1.0) and print where a "
                          "decode step spends its time")
+    ap.add_argument("--cpu", action="store_true",
+                    help="the real SmolLM2-135M-Instruct on the CPU, float32 (default --tokens 6144)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads with --cpu")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (torch twins): checks the script")
     args = ap.parse_args()
-    device = "cpu" if args.cpu_smoke else "cuda"
-    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    device = "cpu" if args.cpu_smoke or args.cpu else "cuda"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.cpu_smoke:
         args.tokens, args.layers, args.new_tokens, args.repeats = [2048], 2, 4, 1
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    model = make_model(len(tok), args.layers, max(args.tokens), device, dtype, small=args.cpu_smoke)
+    if args.cpu:
+        from sqz_integrations.default_model import default_model_dir
+
+        torch.set_num_threads(args.threads)
+        if args.tokens == ap.get_default("tokens"):
+            args.tokens = [6144]
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+        model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+        args.layers = model.config.num_hidden_layers
+    else:
+        tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        model = make_model(len(tok), args.layers, max(args.tokens), device, dtype, small=args.cpu_smoke)
     engine = SqueezedEngine(model, tok, SqueezeConfig(sources=False, prefill_chunk=args.chunk,
                                                        copy_window=args.copy_window, centroid_dtype=args.centroid_dtype))
     meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                device=(torch.cuda.get_device_name(0) if device == "cuda"
+                        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} torch threads)"),
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                model="SmolLM2-135M-Instruct" if args.cpu else "Random Llama",
                 layers=args.layers, dtype=str(dtype).replace("torch.", ""), new_tokens=args.new_tokens,
-                shape="tiny" if args.cpu_smoke else "32 q heads, 8 KV heads, d=128, hidden 4096, MLP 14336",
+                shape=("tiny" if args.cpu_smoke else "9 q heads, 3 KV heads, d=64, hidden 576" if args.cpu
+                       else "32 q heads, 8 KV heads, d=128, hidden 4096, MLP 14336"),
                 config=dict(kv_budget_default=engine.config.kv_budget, prefill_chunk=args.chunk,
                                 copy_window=args.copy_window, centroid_dtype=args.centroid_dtype))
     records = []
@@ -271,8 +290,9 @@ def main() -> None:
     if not args.cpu_smoke:
         args.out.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
-        (args.out / f"engine_{stamp}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
-        (args.out / f"engine_{stamp}.md").write_text(md)
+        stem = f"engine_cpu_{stamp}" if args.cpu else f"engine_{stamp}"
+        (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+        (args.out / f"{stem}.md").write_text(md)
     print(md)
 
 
