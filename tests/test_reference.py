@@ -3,27 +3,21 @@
 dense SDPA given the same keys as a boolean mask."""
 from __future__ import annotations
 
+import kernel_cases  # tests/ is on the path under pytest
 import pytest
 import torch
 
 from sqz_kernels import reference as ref
 
 N_KEYS = 4200  # above reference._GATHER_MIN_KEYS: the gathered path is the one a sparse selection takes
+N_CLUSTERS = 210
 TAIL = 7  # always-kept keys after the clustered ones
 
 
 def _corpus(kvh: int, d: int, dtype: torch.dtype, gen: torch.Generator, tail: int = TAIL):
-    n_clustered = N_KEYS - tail
-    sizes = torch.randint(1, 40, (kvh, n_clustered), generator=gen)
-    offsets = []
-    for h in range(kvh):  # per head, cluster sizes that add up to exactly n_clustered keys
-        cum = torch.cumsum(sizes[h], 0)
-        ends = cum[cum < n_clustered].tolist() + [n_clustered]
-        offsets.append([0] + ends)
-    c = max(len(o) for o in offsets) - 1
-    offs = torch.tensor([o + [o[-1]] * (c + 1 - len(o)) for o in offsets])  # padding clusters are empty
-    keys = torch.randn(kvh, N_KEYS, d, generator=gen).to(dtype)
-    values = torch.randn(kvh, N_KEYS, d, generator=gen).to(dtype)
+    """kernel_cases' clustered corpus (uneven sizes, empty clusters): keys, values, offsets."""
+    keys, values, offs, _, _ = kernel_cases.corpus(kvh, N_CLUSTERS, N_KEYS, tail, d, str(dtype).removeprefix("torch."),
+                                                   "cpu", gen)
     return keys, values, offs
 
 
