@@ -238,11 +238,11 @@ MAX_LOGITS = 2**26
 
 
 def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
-                  keep: torch.Tensor | None = None):
+                  keep: torch.Tensor | None = None, dyn_len: torch.Tensor | None = None):
     """Exact attention of ``q`` ``(B, H, T, D)`` on a corpus layer's ``keys`` ``(KVH, N, D)``: yields
     ``(t0, t1, logp)`` over slices of the query tokens, ``logp`` ``(B, KVH, G, t1 - t0, N)`` float32 the log
     probability of each corpus key (softmax over the corpus keys, only those in ``keep`` ``(B, KVH, N)`` if
-    given, and the causal dynamic keys ``dyn_k``).
+    given, and the causal dynamic keys ``dyn_k``; ``dyn_len``: see :func:`causal_attention`).
 
     q.K runs in the keys' own dtype and the logits are cast after (no float32 copy of the keys), and a
     slice holds at most ``MAX_LOGITS`` logits (a 512K-token corpus would otherwise need gigabytes)."""
@@ -262,7 +262,7 @@ def log_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scal
         s = torch.matmul(qs.reshape(b, kvh, g * (t1 - t0), d), keys_t).float().view(b, kvh, g, t1 - t0, n) * scale
         if dropped is not None:
             s = s.masked_fill(dropped, float("-inf"))
-        sd = _dynamic_logits(qs, dyn_k, scale, t0, t)
+        sd = _dynamic_logits(qs, dyn_k, scale, t0, t, dyn_len)
         yield t0, t1, s - torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(sd, -1)).unsqueeze(-1)
 
 
@@ -279,12 +279,13 @@ def check_dynamic_keys(q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tens
         raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {t} query tokens")
 
 
-def _dynamic_logits(qs: torch.Tensor, dyn_k: torch.Tensor, scale: float, t0: int, t: int) -> torch.Tensor:
+def _dynamic_logits(qs: torch.Tensor, dyn_k: torch.Tensor, scale: float, t0: int, t: int,
+                    dyn_len: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``(B, KVH, G, T', M)`` float32 of the grouped query tokens ``qs`` = tokens ``t0 : t0 + T'`` of ``t``
-    on the dynamic keys, causal (-inf on the keys after each token)."""
+    on the dynamic keys, causal (-inf on the keys after each token, and so on any slot past ``dyn_len``)."""
     m = dyn_k.shape[2]
     sd = torch.matmul(qs, dyn_k.to(qs.dtype).transpose(-1, -2).unsqueeze(2)).float() * scale
-    pos = torch.arange(t0, t0 + qs.shape[3], device=qs.device) + (m - t)
+    pos = torch.arange(t0, t0 + qs.shape[3], device=qs.device) + ((m if dyn_len is None else dyn_len) - t)
     return sd.masked_fill(torch.arange(m, device=qs.device)[None, :] > pos[:, None], float("-inf"))
 
 
@@ -307,16 +308,29 @@ def key_max_logprob(q: torch.Tensor, keys: torch.Tensor, dyn_keys: torch.Tensor,
     return best
 
 
-def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Selected clusters -> ``(batch, kv_heads, n_keys)`` bool over the corpus keys, always-kept keys True."""
-    b, kvh, c = selected.shape
+def cluster_of_key(cluster_offsets: torch.Tensor, n_clustered: int | None = None) -> torch.Tensor:
+    """``(kv_heads, n_clustered)`` int64: the cluster of every clustered key (stored sorted by cluster).
+    ``n_clustered`` (``cluster_offsets[:, -1]``) given by a caller who knows it spares a device read."""
+    kvh, c = cluster_offsets.shape[0], cluster_offsets.shape[1] - 1
     sizes = (cluster_offsets[:, 1:] - cluster_offsets[:, :-1]).long()  # KVH, C
-    n_clustered = int(cluster_offsets[0, -1])
-    cluster_of_key = torch.repeat_interleave(
-        torch.arange(c, device=selected.device).expand(kvh, c).reshape(-1), sizes.reshape(-1)
+    if n_clustered is None:
+        n_clustered = int(cluster_offsets[0, -1])
+    return torch.repeat_interleave(
+        torch.arange(c, device=cluster_offsets.device).expand(kvh, c).reshape(-1), sizes.reshape(-1),
+        output_size=kvh * n_clustered,
     ).view(kvh, n_clustered)
+
+
+def cluster_key_mask(selected: torch.Tensor, cluster_offsets: torch.Tensor, n_keys: int,
+                     *, key_clusters: torch.Tensor | None = None) -> torch.Tensor:
+    """Selected clusters -> ``(batch, kv_heads, n_keys)`` bool over the corpus keys, always-kept keys True.
+    ``key_clusters``: :func:`cluster_of_key`, when the caller keeps it (it depends on the layer only)."""
+    b, kvh, c = selected.shape
+    if key_clusters is None:
+        key_clusters = cluster_of_key(cluster_offsets)
+    n_clustered = key_clusters.shape[1]
     mask = torch.ones(b, kvh, n_keys, dtype=torch.bool, device=selected.device)
-    mask[:, :, :n_clustered] = torch.gather(selected, 2, cluster_of_key.unsqueeze(0).expand(b, kvh, n_clustered))
+    mask[:, :, :n_clustered] = torch.gather(selected, 2, key_clusters.unsqueeze(0).expand(b, kvh, n_clustered))
     return mask
 
 
@@ -398,18 +412,22 @@ def _gathered_attention(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 def causal_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+    *, dyn_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal attention over the dynamic tokens, with its log-sum-exp.
 
     ``keys`` / ``values``: ``(batch, kv_heads, m, head_dim)``, ``m >= tokens``; the ``tokens`` queries are
     the last ``tokens`` positions of those ``m`` (query ``i`` sees keys ``0 .. m - tokens + i``).
-    Returns ``out (batch, heads, tokens, head_dim)`` and ``lse (batch, heads, tokens)``, float32.
+    ``dyn_len``: a 0-d integer tensor, the number of valid keys when ``keys`` is a larger preallocated buffer
+    (a CUDA-graph decode step reads its length on the device); the queries are then the last ``tokens`` of
+    those, and the slots after them are never read. Returns ``out (batch, heads, tokens, head_dim)`` and
+    ``lse (batch, heads, tokens)``, float32.
     """
     b, h, t, d = q.shape
     m = keys.shape[2]
     qg = _group_queries(q, keys.shape[1])
-    qpos = torch.arange(m - t, m, device=q.device)
+    qpos = torch.arange(m - t, m, device=q.device) if dyn_len is None else torch.arange(t, device=q.device) + (dyn_len - t)
     causal = torch.arange(m, device=q.device)[None, :] <= qpos[:, None]  # T, M
     out, lse = _masked_attention(qg, keys, values, causal, scale)
     return out.reshape(b, h, t, d), lse.reshape(b, h, t)
@@ -441,13 +459,14 @@ def squeezed_attention(
     scale: float,
     *,
     worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dyn_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole online attention: sparse corpus part merged with the dense causal dynamic part.
 
     Returns ``(batch, heads, tokens, head_dim)`` in ``q``'s dtype. ``worklist`` is accepted and ignored
-    (see :func:`sparse_attention`).
+    (see :func:`sparse_attention`); ``dyn_len``: see :func:`causal_attention`.
     """
     o_s, l_s = sparse_attention(q, keys, values, cluster_offsets, selected, scale)
-    o_d, l_d = causal_attention(q, dyn_keys, dyn_values, scale)
+    o_d, l_d = causal_attention(q, dyn_keys, dyn_values, scale, dyn_len=dyn_len)
     out, _ = merge_attention(o_s, l_s, o_d, l_d)
     return out.to(q.dtype)

@@ -47,7 +47,7 @@ class AttentionConfig:
 
 @triton.jit
 def _attn_kernel(
-    Q, K, V, IDX, CUM, OFFS, DK, DV, O_PART, L_PART, O, LSE,
+    Q, K, V, IDX, CUM, OFFS, DK, DV, DLEN, O_PART, L_PART, O, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kh, stride_kn, stride_vh, stride_vn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -56,8 +56,8 @@ def _attn_kernel(
     KVH, G, T, ROWS, n_split_c, n_split_total,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPARSE: tl.constexpr, HAS_DYN: tl.constexpr, FINAL: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+    HAS_SPARSE: tl.constexpr, HAS_DYN: tl.constexpr, HAS_DLEN: tl.constexpr, FINAL: tl.constexpr,
+    WRITE_LSE: tl.constexpr, PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr,
 ):
     if PDL_TRIGGER:  # the combine is launched with PDL: let it launch now (it waits for this grid's end)
         tl.extra.cuda.gdc_launch_dependents()
@@ -74,6 +74,8 @@ def _attn_kernel(
         # only the launch and the index arithmetic above overlap its tail
         tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
+    if HAS_DLEN:  # the dynamic keys are the first DLEN slots of a preallocated buffer (CUDA-graph decode)
+        m_dyn = tl.load(DLEN).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -192,9 +194,17 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_dyn_len(dyn_len: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    if dyn_len is not None and (dyn_len.numel() != 1 or dyn_len.dtype.is_floating_point or dyn_len.device != q.device):
+        raise ValueError(f"dyn_len must be a one-element integer tensor on {q.device}, got {dyn_len.dtype} "
+                         f"{tuple(dyn_len.shape)} on {dyn_len.device}")
+    return dyn_len
+
+
 def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
-               corpus=None, dyn=None):
-    """Shared launcher. ``corpus = (keys, values, offsets, idx, cum)``, ``dyn = (keys, values)``."""
+               corpus=None, dyn=None, dyn_len=None):
+    """Shared launcher. ``corpus = (keys, values, offsets, idx, cum)``, ``dyn = (keys, values)``, ``dyn_len``
+    the device-side count of valid dynamic keys (the compacting prefill kernel does not take one)."""
     cfg = cfg or AttentionConfig()
     b, h, t, d = q.shape
     kvh = corpus[0].shape[0] if corpus is not None else dyn[0].shape[1]
@@ -217,8 +227,8 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     # 2.90), against 3.18 for the tutorial's 128 x 64 with 8 warps, 3.19 for 128 x 128 / 8 warps, 4.48 for
     # 64 x 128.
     decode = rows <= 16
-    if corpus is not None and (cfg.compact if cfg.compact is not None
-                               else not decode and compact_available(dev, corpus[0].dtype, d)):
+    if corpus is not None and dyn_len is None and (cfg.compact if cfg.compact is not None
+                                                   else not decode and compact_available(dev, corpus[0].dtype, d)):
         bm, bn, w, st = prefill_tiles(corpus[0].dtype, d, on_gpu)
         return prefill_attention(q, corpus, dyn, scale, out_dtype, write_lse, cfg.block_m or bm,
                                  cfg.block_n or bn, cfg.num_warps or w, cfg.num_stages or st)
@@ -292,7 +302,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
     kk, vv, ii, cc, oo = k_args
     grid = (b * kvh, m_tiles, n_split_total)
     _attn_kernel[grid](
-        q, kk, vv, ii, cc, oo, *d_args, o_part, l_part, out, lse,
+        q, kk, vv, ii, cc, oo, *d_args, q if dyn_len is None else dyn_len, o_part, l_part, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         *k_strides, *d_strides,
         out.stride(0), out.stride(1), out.stride(2),
@@ -300,7 +310,8 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         kvh, g, t, rows, n_split_c, n_split_total,
         scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, FINAL=final, WRITE_LSE=write_lse, PDL=pdl,
+        HAS_SPARSE=corpus is not None, HAS_DYN=dyn is not None, HAS_DLEN=dyn_len is not None, FINAL=final,
+        WRITE_LSE=write_lse, PDL=pdl,
         PDL_TRIGGER=pdl_combine, num_warps=warps, num_stages=stages, **pdl_launch(pdl),
     )
     if not final:
@@ -353,7 +364,7 @@ def sparse_attention(
 
 def causal_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-    *, config: AttentionConfig | None = None,
+    *, dyn_len: torch.Tensor | None = None, config: AttentionConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`sqz_kernels.reference.causal_attention`: ``(out float32, lse)``."""
     if keys.dim() != 4 or values.shape != keys.shape or keys.shape[0] != q.shape[0]:
@@ -361,7 +372,8 @@ def causal_attention(
     if keys.shape[2] < q.shape[2]:
         raise ValueError(f"{keys.shape[2]} dynamic keys cannot hold {q.shape[2]} query tokens")
     q = _check_q(q, keys.shape[1], keys.shape[3])
-    return _attention(q, scale, torch.float32, True, config, dyn=(_last_contiguous(keys), _last_contiguous(values)))
+    return _attention(q, scale, torch.float32, True, config, dyn=(_last_contiguous(keys), _last_contiguous(values)),
+                      dyn_len=_check_dyn_len(dyn_len, q))
 
 
 def squeezed_attention(
@@ -375,6 +387,7 @@ def squeezed_attention(
     scale: float,
     *,
     worklist: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dyn_len: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`sqz_kernels.reference.squeezed_attention`, in one attention launch (plus
@@ -385,4 +398,4 @@ def squeezed_attention(
     if dyn_keys.shape[2] < q.shape[2]:
         raise ValueError(f"{dyn_keys.shape[2]} dynamic keys cannot hold {q.shape[2]} query tokens")
     return _attention(q, scale, q.dtype, False, config, corpus=corpus,
-                      dyn=(_last_contiguous(dyn_keys), _last_contiguous(dyn_values)))
+                      dyn=(_last_contiguous(dyn_keys), _last_contiguous(dyn_values)), dyn_len=_check_dyn_len(dyn_len, q))

@@ -105,6 +105,14 @@ _case("sparse-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, n=65, ta
       keep="one")
 _case("causal-decode", kind="causal", b=2, kvh=2, g=4, t=1, m=77, d=64, dtype="float16")
 _case("causal-prefill", kind="causal", b=1, kvh=2, g=3, t=29, m=41, d=128, dtype="float32")
+# the dynamic keys as the first m slots of a larger buffer whose other slots hold large garbage, their count
+# read on the device (dyn_len: the engine's CUDA-graph decode); must equal the run on the m keys alone
+_case("causal-decode-dyn-len", kind="causal", b=2, kvh=2, g=4, t=1, m=77, d=64, dtype="float16", dyn_pad=51)
+_case("causal-prefill-dyn-len", kind="causal", b=1, kvh=2, g=3, t=29, m=41, d=64, dtype="float32", dyn_pad=23)
+_case("squeezed-decode-split-dyn-len", kind="squeezed", b=2, kvh=2, g=4, t=1, d=64, c=23, n=301, tail=6, m=35,
+      dtype="float16", splits=3, dyn_pad=40)
+_case("squeezed-prefill-dyn-len", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4, m=19,
+      dtype="float32", dyn_pad=13)
 _case("squeezed-decode-split", kind="squeezed", b=2, kvh=2, g=4, t=1, d=64, c=23, n=301, tail=6, m=35,
       dtype="float16", splits=3)
 _case("squeezed-prefill", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4, m=19,
@@ -152,6 +160,8 @@ GPU_CASES: dict[str, dict] = {
     "real-selection-prefill-hier": dict(kind="selection", b=1, kvh=8, g=4, t=64, d=128, c=1638, n=32768,
                                         tail=100, m=64, p=328),
     "real-squeezed-decode": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100, m=300),
+    "real-squeezed-decode-dyn-len": dict(kind="squeezed", b=1, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100,
+                                         m=300, dyn_pad=724),
     # batch 8: 64 (row, KV head) programs, where decode takes 64-key tiles and twice the splits
     "real-squeezed-decode-b8": dict(kind="squeezed", b=8, kvh=8, g=4, t=1, d=128, c=1638, n=32768, tail=100,
                                     m=300),
@@ -220,6 +230,20 @@ def _report(name, got, ref, atol, rtol):
         return (f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} of "
                 f"{bad.numel()} outside atol={atol} rtol={rtol}; first at {list(i)}: got {g[i]:.6g} ref {r[i]:.6g}")
     return None
+
+
+def _padded_dynamic(dk, dv, pad, gen):
+    """``dk``/``dv`` as the first slots of a buffer ``pad`` slots longer, the rest large garbage, and their count
+    as a 0-d device tensor (what the engine's preallocated dynamic tokens hand the attention)."""
+    import torch
+
+    b, kvh, m, d = dk.shape
+
+    def junk(x):
+        return (30 * torch.randn(b, kvh, pad, d, generator=gen)).to(x.dtype).to(x.device)
+
+    n_valid = torch.tensor(m, device=dk.device)
+    return torch.cat([dk, junk(dk)], 2), torch.cat([dv, junk(dv)], 2), n_valid
 
 
 def _queries(b, h, t, d, dtype, device, gen):
@@ -489,6 +513,14 @@ def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | Non
         msg = _report(name, go, wo, atol, rtol) or _report(f"{name} lse", gl, wl, atol, rtol)
         if msg:
             return msg
+        if p.get("dyn_pad"):
+            pk, pv, n_valid = _padded_dynamic(dk, dv, p["dyn_pad"], gen)
+            for twin, (po, pl) in (("triton", tri.causal_attention(q, pk, pv, scale, dyn_len=n_valid)),
+                                   ("torch", ref.causal_attention(q, pk, pv, scale, dyn_len=n_valid))):
+                msg = _report(f"{name} dyn_len {twin}", po, wo, atol, rtol) or _report(f"{name} dyn_len {twin} lse",
+                                                                                    pl, wl, atol, rtol)
+                if msg:
+                    return msg
         # against SDPA with the causal mask (bottom-right aligned)
         pos = torch.arange(m - t, m, device=device)
         mask = torch.arange(m, device=device)[None, :] <= pos[:, None]
@@ -527,6 +559,14 @@ def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | Non
     msg = _report(name, got, want, atol, rtol)
     if msg:
         return msg
+    if p.get("dyn_pad"):
+        pk, pv, n_valid = _padded_dynamic(dk, dv, p["dyn_pad"], gen)
+        for twin, out in (("triton", tri.squeezed_attention(q, keys, values, offs, sel, pk, pv, scale, config=cfg,
+                                                            dyn_len=n_valid)),
+                          ("torch", ref.squeezed_attention(q, keys, values, offs, sel, pk, pv, scale, dyn_len=n_valid))):
+            msg = _report(f"{name} dyn_len {twin}", out, want, atol, rtol)
+            if msg:
+                return msg
     # dense SDPA over [corpus | dynamic] with the selection mask and the causal mask
     pos = torch.arange(m - t, m, device=device)
     causal = torch.arange(m, device=device)[None, :] <= pos[:, None]  # T, M
