@@ -4,6 +4,8 @@ The model is an ordinary transformers causal LM whose attention is dispatched, t
 attention registry, to :func:`~sqz_integrations.attention.squeezed_attention_forward`. A question
 runs with the model's own cache holding only its dynamic tokens (question + answer) at positions
 after the corpus; every layer reads the corpus through a :class:`~sqz_integrations.selection.CorpusRead`.
+On CUDA with the Triton kernels, the read holds those tokens itself and decode steps replay a CUDA graph
+(:mod:`~sqz_integrations.decode_graph`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from transformers import DynamicCache
 
 from sqz_kernels import get_backend
 
-from . import attention, head_probe
+from . import attention, decode_graph, head_probe
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
@@ -52,6 +54,8 @@ class SqueezedEngine:
         self._corpora: dict[str, SqueezedCorpus] = {}
         self._lock = threading.Lock()
         self._eos_ids = self._end_of_turn_ids()
+        # why the last CUDA-graph capture failed (answers then decode eagerly; logged once)
+        self.cuda_graph_error: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,25 +220,63 @@ class SqueezedEngine:
         out = self.model(
             input_ids=input_ids,
             position_ids=positions,
-            use_cache=True,
+            use_cache=cache is not None,  # None: the read keeps the dynamic tokens itself (read.dyn)
             squeeze=read,
             logits_to_keep=0 if all_logits else 1,
             **{self._cache_arg: cache},
         )
         return out.logits[0]
 
-    def _decode(self, corpus: SqueezedCorpus, suffix: list[int], read: CorpusRead, sampler: Sampler, max_new_tokens: int):
-        """The decoding loop: yields each new token id until end of turn or ``max_new_tokens``."""
-        cache = DynamicCache()
+    def _decode(self, corpus: SqueezedCorpus, suffix: list[int], read: CorpusRead, sampler: Sampler,
+                max_new_tokens: int, graphs: bool = False):
+        """The decoding loop: yields each new token id until end of turn or ``max_new_tokens``.
+
+        ``graphs``: the dynamic tokens go into the read's own buffers and, on CUDA, the steps from the third
+        token on replay a CUDA graph captured at that step (the second step, eager, has compiled and warmed
+        every kernel the graph records)."""
+        cache = None if graphs else DynamicCache()
+        if graphs:
+            read.dyn = decode_graph.DynamicTokens(len(suffix) + max_new_tokens, self.device)
+        capture = graphs and self.device.type == "cuda"
+        step = None
         position, feed = corpus.n_tokens, suffix
-        for _ in range(max_new_tokens):
-            logits = self._forward(feed, position, cache, read)
+        for i in range(max_new_tokens):
+            if step is None and capture and i >= 2:
+                step = self._capture(read)
+                capture = step is not None
+            if step is not None:
+                logits = step(feed[0], position)
+            else:
+                if graphs:
+                    read.dyn.begin(len(feed), on_device=len(feed) == 1)
+                logits = self._forward(feed, position, cache, read)
+                if graphs:
+                    read.dyn.end()
             position += len(feed)
             token = sampler(logits[-1])
             yield token
             if token in self._eos_ids:
                 return
             feed = [token]
+
+    def _capture(self, read: CorpusRead) -> "decode_graph.GraphedStep | None":
+        """A decode step of ``read`` as a CUDA graph, or None (logged once) where capturing fails."""
+        try:
+            return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg)
+        except Exception as exc:  # the model or a kernel does something a graph cannot hold
+            while exc.__context__ is not None:  # the first failure, not the capture's end reporting it
+                exc = exc.__context__
+            if self.cuda_graph_error is None:
+                logger.warning("CUDA-graph decode is off for this engine: capturing a step failed (%s); "
+                               "answers decode eagerly", exc)
+            self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def _graphs_for(self, read: CorpusRead, max_new_tokens: int) -> bool:
+        """Whether an answer decodes through CUDA graphs: CUDA, the Triton path (the torch twins read lengths on
+        the host), at least three tokens to generate, and no earlier capture failure."""
+        return (read.corpus.config.cuda_graphs and self.device.type == "cuda" and read.plan.fused
+                and max_new_tokens > 2 and self.cuda_graph_error is None)
 
     @torch.inference_mode()
     def _probe(self, corpus: SqueezedCorpus, cfg: SqueezeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -276,7 +318,8 @@ class SqueezedEngine:
         sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         first_token_time, finish = None, "length"
-        for token in self._decode(c, suffix, read, sampler, params.max_new_tokens):
+        graphs = self._graphs_for(read, params.max_new_tokens)
+        for token in self._decode(c, suffix, read, sampler, params.max_new_tokens, graphs):
             if first_token_time is None:
                 first_token_time = time.perf_counter() - start
             if token in self._eos_ids:

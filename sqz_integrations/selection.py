@@ -25,10 +25,10 @@ _MEASURE_MAX_TOKENS = 64
 # A key counts for the sources when one head gives it at least this share of its attention.
 _FOCUS = 0.05
 def focused_attention(q: torch.Tensor, keys: torch.Tensor, dyn_k: torch.Tensor, scale: float,
-                      keep: torch.Tensor | None = None):
+                      keep: torch.Tensor | None = None, dyn_len: torch.Tensor | None = None):
     """:func:`log_attention` as probabilities, where a query head focuses: yields ``(t0, t1, p)``, ``p``
     zero below ``_FOCUS``."""
-    for t0, t1, logp in log_attention(q, keys, dyn_k, scale, keep):
+    for t0, t1, logp in log_attention(q, keys, dyn_k, scale, keep, dyn_len):
         p = torch.exp(logp)
         yield t0, t1, p * (p >= _FOCUS)
 
@@ -179,6 +179,10 @@ class CorpusRead:
         self.doc_mass = torch.zeros(len(corpus.documents), dtype=torch.float64, device=dev)
         self._all: dict[tuple[int, int], tuple] = {}  # (layer, batch) -> a read of every cluster (see _read_all)
         self.pins: dict[int, torch.Tensor] = {}  # layer -> (KVH, C) clusters every decode step reads (copy_window)
+        # the answer's dynamic tokens when they live in preallocated buffers (CUDA-graph decode) instead of the
+        # model's cache: attend() stores each forward's keys/values there (decode_graph.DynamicTokens)
+        self.dyn = None
+        self._cluster_of_key: dict[int, torch.Tensor] = {}  # layer -> (KVH, clustered keys), for the sources
 
     def lookup(self, layer_idx: int, q: torch.Tensor, scale: float):
         """Scores and selection ``(batch, kv_heads, clusters)`` for one layer's queries, and the work
@@ -243,6 +247,9 @@ class CorpusRead:
         """Attention output ``(batch, tokens, heads, head_dim)`` as transformers expects it."""
         layer = self.corpus.layers[layer_idx]
         cfg = self.corpus.config
+        dyn_len = None
+        if self.dyn is not None:
+            dyn_k, dyn_v, dyn_len = self.dyn.append(layer_idx, dyn_k, dyn_v)
         if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
             # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
             # it focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from
@@ -252,14 +259,26 @@ class CorpusRead:
                                              self.plan.backend)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
-            q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist
+            q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist,
+            **({} if dyn_len is None else {"dyn_len": dyn_len}),
         )
         self._record(layer_idx, layer, scores, selected)
         if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:
-            self._measure_sources(layer, q, dyn_k, selected, scale)
+            self._measure_sources(layer_idx, layer, q, dyn_k, selected, scale, dyn_len)
         return out.transpose(1, 2).contiguous()
 
-    def _measure_sources(self, layer, q, dyn_k, selected, scale) -> None:
+    def host_counters(self) -> tuple[list[int], float]:
+        """The counters kept in Python (a CUDA-graph replay skips them; see decode_graph.GraphedStep)."""
+        return list(self.steps), self._scored_host
+
+    def set_host_counters(self, counters: tuple[list[int], float]) -> None:
+        self.steps, self._scored_host = list(counters[0]), counters[1]
+
+    def add_host_counters(self, delta: tuple[list[int], float]) -> None:
+        self.steps = [s + d for s, d in zip(self.steps, delta[0])]
+        self._scored_host += delta[1]
+
+    def _measure_sources(self, layer_idx, layer, q, dyn_k, selected, scale, dyn_len=None) -> None:
         """Add, per document, the attention its keys received where a head focused on them.
 
         Recomputed in torch from the selection: one more q.K pass over the corpus, which the
@@ -268,10 +287,16 @@ class CorpusRead:
         ranked documents by position, whatever the question (measured on 4 essays with a planted
         fact: the same document first for every question).
         """
-        keep = reference.cluster_key_mask(selected, layer.cluster_offsets, layer.keys.shape[1])
-        mass = sum(p.sum(dim=(0, 2, 3)) for *_, p in focused_attention(q, layer.keys, dyn_k, scale, keep))  # KVH, N
+        of_key = self._cluster_of_key.get(layer_idx)
+        if of_key is None:
+            of_key = self._cluster_of_key[layer_idx] = reference.cluster_of_key(layer.cluster_offsets, layer.n_clustered)
+        keep = reference.cluster_key_mask(selected, layer.cluster_offsets, layer.keys.shape[1], key_clusters=of_key)
+        mass = sum(p.sum(dim=(0, 2, 3))
+                   for *_, p in focused_attention(q, layer.keys, dyn_k, scale, keep, dyn_len))  # KVH, N
+        # no boolean indexing (a host sync, which a CUDA graph cannot hold): keys outside the documents add 0 to
+        # document 0
         in_doc = layer.key_doc >= 0
-        self.doc_mass.index_add_(0, layer.key_doc[in_doc], mass[in_doc].double())
+        self.doc_mass.index_add_(0, layer.key_doc.clamp_min(0).flatten(), (mass * in_doc).double().flatten())
 
     def _record(self, layer_idx, layer, scores, selected) -> None:
         counts = self._counts.get(layer_idx)

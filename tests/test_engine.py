@@ -345,3 +345,50 @@ def test_centroid_dtype_stores_rounded_centroids_and_calibrates_on_them(make_tin
     assert 0 < ans.kept_fraction < 1 and ans.completion_tokens > 0
     with pytest.raises(ValueError, match="centroid_dtype"):
         SqueezeConfig(centroid_dtype="float64")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_preallocated_dynamic_tokens_give_the_same_answer(make_tiny_engine, family, monkeypatch):
+    """The CUDA-graph decode's data path on the CPU (no graph): the question and answer tokens in preallocated
+    buffers, single tokens read through the device-side count (``dyn_len``), give the answer, kept fraction and
+    sources of the model's own cache."""
+    from sqz_integrations import decode_graph
+
+    engine = make_tiny_engine(family, SqueezeConfig(kv_budget=0.25, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    plain = engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
+    on_device = []
+    append = decode_graph.DynamicTokens.append
+
+    def spy(self, layer_idx, k, v):
+        on_device.append(self.on_device)
+        return append(self, layer_idx, k, v)
+
+    monkeypatch.setattr(decode_graph.DynamicTokens, "append", spy)
+    monkeypatch.setattr(engine, "_graphs_for", lambda read, max_new_tokens: True)
+    static = engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
+    assert len(plain.token_ids) > 2 and any(on_device) and not all(on_device)
+    assert static.token_ids == plain.token_ids
+    assert static.kept_fraction == pytest.approx(plain.kept_fraction, rel=1e-12)
+    assert [s.document_index for s in static.sources] == [s.document_index for s in plain.sources]
+    for a, b in zip(static.sources, plain.sources):
+        assert a.score == pytest.approx(b.score, rel=1e-6)
+
+
+def test_dynamic_tokens_refuse_overflow():
+    from sqz_integrations.decode_graph import DynamicTokens
+
+    store = DynamicTokens(4, torch.device("cpu"))
+    store.begin(3)
+    k = torch.randn(1, 2, 3, 8)
+    keys, values, n = store.append(0, k, k + 1)
+    assert n is None and torch.equal(keys, k) and torch.equal(values, k + 1)
+    store.end()
+    store.begin(1, on_device=True)
+    keys, _, n = store.append(0, k[:, :, :1] * 2, k[:, :, :1])
+    assert keys.shape[2] == 4 and int(n) == 4 and torch.equal(keys[:, :, 3:], k[:, :, :1] * 2)
+    store.end()
+    with pytest.raises(ValueError, match="do not fit"):
+        store.begin(1)
+    with pytest.raises(ValueError, match="capacity"):
+        DynamicTokens(0, torch.device("cpu"))

@@ -1,0 +1,115 @@
+"""Decode steps as CUDA-graph replays.
+
+At batch 1 in eager transformers a decode step of the engine is bound by the host: each layer's lookup,
+attention and bookkeeping launch a few small kernels, and the GPU waits for Python between them
+(README, engine on the H200). A CUDA graph records one decode step's launches once per answer and
+replays them with one call.
+
+A graph needs every tensor it reads at a fixed address and every shape fixed, so the dynamic tokens
+(the question and the generated ones) cannot live in transformers' growing ``DynamicCache``. They go
+into :class:`DynamicTokens`: buffers sized for the whole answer, written in place at a position held
+on the device, and read by the attention with the count of valid slots held on the device too
+(``dyn_len`` of the kernels). The model then runs with ``use_cache=False``: the attention hook gets
+the new tokens' keys and values and the read stores them (:meth:`CorpusRead.attend`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class DynamicTokens:
+    """Preallocated keys/values of an answer's dynamic tokens, per layer: ``(batch, kv_heads, capacity, dim)``.
+
+    Before each forward the engine calls :meth:`begin` with the number of new tokens; every layer's
+    :meth:`append` writes them after the ones already there. ``on_device`` makes :meth:`append` return the
+    whole buffers and the device-side count instead of views cut on the host, so that launches recorded in
+    a graph stay valid for every later step (the engine reads single tokens that way before the capture too,
+    so that the kernels the graph records are compiled and warm). A multi-token read (the question) is cut on
+    the host: its copy pins read the dynamic keys without a device-side count.
+    """
+
+    def __init__(self, capacity: int, device: torch.device):
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.n = 0  # tokens stored before the current forward (host)
+        self.new = 0  # tokens of the current forward
+        self.on_device = False
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._start = torch.zeros((), dtype=torch.long, device=device)
+        self._valid = torch.zeros((), dtype=torch.long, device=device)
+
+    def begin(self, new_tokens: int, on_device: bool = False) -> None:
+        if self.n + new_tokens > self.capacity:
+            raise ValueError(f"{self.n + new_tokens} dynamic tokens do not fit in {self.capacity}")
+        self.new = new_tokens
+        self.on_device = on_device
+        self._start.fill_(self.n)
+        self._valid.fill_(self.n + new_tokens)
+
+    def end(self) -> None:
+        self.n += self.new
+        self.new = 0
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this forward's ``k``/``v`` ``(batch, kv_heads, T, dim)`` -> ``(keys, values, dyn_len)``:
+        the valid slots (``dyn_len`` None), or with ``on_device`` the whole buffers and their count."""
+        if layer_idx not in self.keys:
+            b, kvh, _, d = k.shape
+            self.keys[layer_idx] = k.new_zeros(b, kvh, self.capacity, d)
+            self.values[layer_idx] = v.new_zeros(b, kvh, self.capacity, v.shape[-1])
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        slots = self._start + torch.arange(k.shape[2], device=k.device)
+        keys.index_copy_(2, slots, k.to(keys.dtype))
+        values.index_copy_(2, slots, v.to(values.dtype))
+        if self.on_device:
+            return keys, values, self._valid
+        end = self.n + self.new
+        return keys[:, :, :end], values[:, :, :end], None
+
+
+class GraphedStep:
+    """One decode step of ``model`` with ``read``, recorded as a CUDA graph; :meth:`__call__` replays it.
+
+    The read's host-side counters (steps, centroids scored) advance in Python, which a replay skips:
+    the capture's increments are measured, undone, and added again after every replay. The device-side
+    ones (kept keys, source mass) are recorded kernels and replay by themselves.
+    """
+
+    def __init__(self, model, read, store: DynamicTokens, cache_arg: str):
+        dev = store._start.device
+        self.read, self.store = read, store
+        self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.position_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        before = read.host_counters()
+        store.on_device = True
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's eager answer on the same device does not break this capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = model(
+                    input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
+                    squeeze=read, logits_to_keep=1, **{cache_arg: None},
+                ).logits[0]
+        finally:
+            after = read.host_counters()
+            read.set_host_counters(before)
+        self.delta = tuple(
+            [a - b for a, b in zip(x1, x0)] if isinstance(x1, list) else x1 - x0 for x0, x1 in zip(before, after)
+        )
+
+    def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Logits ``(1, vocab)`` of ``token`` at ``position`` (valid until the next call)."""
+        self.input_ids.fill_(token)
+        self.position_ids.fill_(position)
+        self.store.begin(1, on_device=True)
+        self.graph.replay()
+        self.store.end()
+        self.read.add_host_counters(self.delta)
+        return self.logits
+
