@@ -14,11 +14,65 @@ the new tokens' keys and values and the read stores them (:meth:`CorpusRead.atte
 """
 from __future__ import annotations
 
-import logging
+import threading
+from contextlib import contextmanager
 
 import torch
 
-logger = logging.getLogger(__name__)
+
+class DeviceLock:
+    """Lets a CUDA-graph capture run while no other thread of the engine works on the device.
+
+    A capture records what its thread launches; work launched meanwhile from another thread (on the legacy
+    default stream) invalidates it. Measured on the H200: two threads answering at once, one capturing, failed
+    with CUBLAS_STATUS_EXECUTION_FAILED / "operation not permitted when stream is capturing". Forwards,
+    replays and corpus builds hold the lock shared (re-entrant per thread: a build runs forwards); a capture
+    holds it alone, and once one is waiting no new shared holder starts.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._depth = threading.local()
+
+    @contextmanager
+    def shared(self):
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            with self._cond:
+                while self._exclusive or self._waiting:
+                    self._cond.wait()
+                self._shared += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                with self._cond:
+                    self._shared -= 1
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        if getattr(self._depth, "n", 0):
+            raise RuntimeError("a capture cannot start inside a forward or a corpus build of the same thread")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class DynamicTokens:
@@ -81,8 +135,9 @@ class GraphedStep:
     ones (kept keys, source mass) are recorded kernels and replay by themselves.
     """
 
-    def __init__(self, model, read, store: DynamicTokens, cache_arg: str):
+    def __init__(self, model, read, store: DynamicTokens, cache_arg: str, lock: DeviceLock):
         dev = store._start.device
+        self.lock = lock
         self.read, self.store = read, store
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.position_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -90,8 +145,9 @@ class GraphedStep:
         store.on_device = True
         try:
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's eager answer on the same device does not break this capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            # thread_local: only this thread's own unsafe calls are checked; DeviceLock keeps the engine's other
+            # threads off the device meanwhile
+            with lock.exclusive(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = model(
                     input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
                     squeeze=read, logits_to_keep=1, **{cache_arg: None},
@@ -108,7 +164,8 @@ class GraphedStep:
         self.input_ids.fill_(token)
         self.position_ids.fill_(position)
         self.store.begin(1, on_device=True)
-        self.graph.replay()
+        with self.lock.shared():
+            self.graph.replay()
         self.store.end()
         self.read.add_host_counters(self.delta)
         return self.logits

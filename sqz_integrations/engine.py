@@ -56,6 +56,7 @@ class SqueezedEngine:
         self._eos_ids = self._end_of_turn_ids()
         # why the last CUDA-graph capture failed (answers then decode eagerly; logged once)
         self.cuda_graph_error: str | None = None
+        self._device_lock = decode_graph.DeviceLock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,29 +159,31 @@ class SqueezedEngine:
             raise ValueError(
                 f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
             )
-        clustered, always = split_tokens(len(ids), len(header_ids), cfg.always_window)
-        capture = attention.CorpusCapture(len(ids), window=min(cfg.observation_window, len(ids) - len(header_ids)))
-        self._prefill(ids, capture, cfg.prefill_chunk, progress, name)
-        layers = []
-        token_doc_t = torch.tensor(token_doc)
-        n_layers = self.model.config.num_hidden_layers
-        for l in tqdm(range(n_layers), desc=f"clustering {name}", disable=not progress, leave=False):
-            layers.append(
-                squeeze_layer(
-                    capture.keys.pop(l), capture.values.pop(l), clustered.to(self.device),
-                    always.to(self.device), token_doc_t, cfg, seed=cfg.seed + l,
+        # the whole build on the device, shared with other threads' forwards (a CUDA-graph capture waits for it)
+        with self._device_lock.shared():
+            clustered, always = split_tokens(len(ids), len(header_ids), cfg.always_window)
+            capture = attention.CorpusCapture(len(ids), window=min(cfg.observation_window, len(ids) - len(header_ids)))
+            self._prefill(ids, capture, cfg.prefill_chunk, progress, name)
+            layers = []
+            token_doc_t = torch.tensor(token_doc)
+            n_layers = self.model.config.num_hidden_layers
+            for l in tqdm(range(n_layers), desc=f"clustering {name}", disable=not progress, leave=False):
+                layers.append(
+                    squeeze_layer(
+                        capture.keys.pop(l), capture.values.pop(l), clustered.to(self.device),
+                        always.to(self.device), token_doc_t, cfg, seed=cfg.seed + l,
+                    )
                 )
-            )
-        window = [capture.window_queries(l) for l in range(n_layers)]
-        calibration = Calibration(window, layers, capture.scale, len(ids), dense_layers=cfg.dense_layers)
-        corpus = SqueezedCorpus(name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, 0.0)
-        if cfg.calibration_probe:
-            decode_q, prefill_q = self._probe(corpus, cfg)
-            corpus.calibration = Calibration(
-                window, layers, capture.scale, len(ids), decode_q, prefill_q, dense_layers=cfg.dense_layers
-            )
-        if cfg.retrieval_share > 0:
-            corpus.head_misses = self._probe_heads(corpus, clustered, cfg)
+            window = [capture.window_queries(l) for l in range(n_layers)]
+            calibration = Calibration(window, layers, capture.scale, len(ids), dense_layers=cfg.dense_layers)
+            corpus = SqueezedCorpus(name, docs, ids, spans, self.layout.header_text, layers, calibration, cfg, 0.0)
+            if cfg.calibration_probe:
+                decode_q, prefill_q = self._probe(corpus, cfg)
+                corpus.calibration = Calibration(
+                    window, layers, capture.scale, len(ids), decode_q, prefill_q, dense_layers=cfg.dense_layers
+                )
+            if cfg.retrieval_share > 0:
+                corpus.head_misses = self._probe_heads(corpus, clustered, cfg)
         corpus.build_seconds = time.perf_counter() - start
         with self._lock:
             self._corpora[name] = corpus
@@ -215,16 +218,17 @@ class SqueezedEngine:
                              selection, question_budget)
 
     def _forward(self, ids: list[int], position: int, cache, read: CorpusRead, all_logits: bool = False):
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = torch.arange(position, position + len(ids), device=self.device).unsqueeze(0)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            use_cache=cache is not None,  # None: the read keeps the dynamic tokens itself (read.dyn)
-            squeeze=read,
-            logits_to_keep=0 if all_logits else 1,
-            **{self._cache_arg: cache},
-        )
+        with self._device_lock.shared():
+            input_ids = torch.tensor([ids], device=self.device)
+            positions = torch.arange(position, position + len(ids), device=self.device).unsqueeze(0)
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=cache is not None,  # None: the read keeps the dynamic tokens itself (read.dyn)
+                squeeze=read,
+                logits_to_keep=0 if all_logits else 1,
+                **{self._cache_arg: cache},
+            )
         return out.logits[0]
 
     def _decode(self, corpus: SqueezedCorpus, suffix: list[int], read: CorpusRead, sampler: Sampler,
@@ -244,16 +248,18 @@ class SqueezedEngine:
             if step is None and capture and i >= 2:
                 step = self._capture(read)
                 capture = step is not None
-            if step is not None:
-                logits = step(feed[0], position)
-            else:
-                if graphs:
-                    read.dyn.begin(len(feed), on_device=len(feed) == 1)
-                logits = self._forward(feed, position, cache, read)
-                if graphs:
-                    read.dyn.end()
+            # every device call of a step (not the yield) under the shared lock: another thread may be capturing
+            with self._device_lock.shared():
+                if step is not None:
+                    logits = step(feed[0], position)
+                else:
+                    if graphs:
+                        read.dyn.begin(len(feed), on_device=len(feed) == 1)
+                    logits = self._forward(feed, position, cache, read)
+                    if graphs:
+                        read.dyn.end()
+                token = sampler(logits[-1])
             position += len(feed)
-            token = sampler(logits[-1])
             yield token
             if token in self._eos_ids:
                 return
@@ -262,7 +268,7 @@ class SqueezedEngine:
     def _capture(self, read: CorpusRead) -> "decode_graph.GraphedStep | None":
         """A decode step of ``read`` as a CUDA graph, or None (logged once) where capturing fails."""
         try:
-            return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg)
+            return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg, self._device_lock)
         except Exception as exc:  # the model or a kernel does something a graph cannot hold
             while exc.__context__ is not None:  # the first failure, not the capture's end reporting it
                 exc = exc.__context__
@@ -313,9 +319,10 @@ class SqueezedEngine:
         start = time.perf_counter()
         c = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)
-        plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
-        read = CorpusRead(c, plan, track_sources=c.config.sources)
-        sampler = Sampler(params, self.device)
+        with self._device_lock.shared():
+            plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
+            read = CorpusRead(c, plan, track_sources=c.config.sources)
+            sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         first_token_time, finish = None, "length"
         graphs = self._graphs_for(read, params.max_new_tokens)
@@ -334,8 +341,14 @@ class SqueezedEngine:
         tail = text.finish()
         if tail:
             yield tail
+        with self._device_lock.shared():
+            answer = self._answer_record(c, corpus, suffix, plan, read, text, finish, first_token_time, start)
+        yield answer
+
+    def _answer_record(self, c, corpus, suffix, plan, read, text, finish, first_token_time, start) -> Answer:
+        """The :class:`Answer` of a finished decode (its counters are read from the device)."""
         read.commit()
-        yield Answer(
+        return Answer(
             text=text.text,
             token_ids=list(text.ids),
             finish_reason=finish,
@@ -430,11 +443,12 @@ class SqueezedEngine:
         ids = self.layout.encode(text) if isinstance(text, str) else list(text)
         if len(ids) < 2:
             raise ValueError("the continuation needs at least two tokens")
-        read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection, question_budget), track_sources=False)
-        cache = DynamicCache()
-        if per_token:
-            rows = [self._forward([t], c.n_tokens + i, cache, read) for i, t in enumerate(ids[:-1])]
-            logits = torch.cat(rows)
-        else:
-            logits = self._forward(ids[:-1], c.n_tokens, cache, read, all_logits=True)
-        return torch.log_softmax(logits.float(), dim=-1)
+        with self._device_lock.shared():
+            read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection, question_budget), track_sources=False)
+            cache = DynamicCache()
+            if per_token:
+                rows = [self._forward([t], c.n_tokens + i, cache, read) for i, t in enumerate(ids[:-1])]
+                logits = torch.cat(rows)
+            else:
+                logits = self._forward(ids[:-1], c.n_tokens, cache, read, all_logits=True)
+            return torch.log_softmax(logits.float(), dim=-1)

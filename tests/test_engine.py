@@ -392,3 +392,41 @@ def test_dynamic_tokens_refuse_overflow():
         store.begin(1)
     with pytest.raises(ValueError, match="capacity"):
         DynamicTokens(0, torch.device("cpu"))
+
+
+def test_device_lock_lets_a_capture_run_alone():
+    """A capture (exclusive) waits for every shared holder and blocks new ones; shared is re-entrant per thread
+    (a corpus build runs forwards) and a capture inside a shared block of its own thread is refused."""
+    import threading
+    import time
+
+    from sqz_integrations.decode_graph import DeviceLock
+
+    lock, events = DeviceLock(), []
+    in_shared, release = threading.Event(), threading.Event()
+
+    def reader():
+        with lock.shared():
+            with lock.shared():  # re-entrant
+                in_shared.set()
+                release.wait(5)
+                events.append("reader done")
+
+    def writer():
+        with lock.exclusive():
+            events.append("capture")
+
+    r = threading.Thread(target=reader)
+    r.start()
+    assert in_shared.wait(5)
+    w = threading.Thread(target=writer)
+    w.start()
+    time.sleep(0.2)
+    assert events == []  # the capture waits for the shared holder
+    release.set()
+    r.join(5)
+    w.join(5)
+    assert events == ["reader done", "capture"]
+    with lock.shared(), pytest.raises(RuntimeError, match="capture cannot start"):
+        with lock.exclusive():
+            pass

@@ -467,3 +467,22 @@ def test_cuda_graph_decode_matches_eager(world, monkeypatch):
         assert [s.document_index for s in graphed.sources] == [s.document_index for s in eager.sources]
         for a, b in zip(graphed.sources, eager.sources):
             assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
+
+
+def test_cuda_graph_answers_from_two_threads(world):
+    """Answers decoding as CUDA graphs on two threads at once (as the async adapters do) give the tokens they give
+    one at a time: each thread captures and replays its own graph."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    e = world.engine
+    jobs = [(world.flat, False), (world.hier, True), (world.flat, False), (world.hier, True)]
+
+    def run(job):
+        corpus, hier = job
+        return e.answer(QUESTION, corpus, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier).token_ids
+
+    alone = [run(job) for job in jobs[:2]]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(run, jobs))
+    assert e.cuda_graph_error is None
+    assert together == alone + alone
