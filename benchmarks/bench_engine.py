@@ -29,7 +29,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer, DynamicCache
 
-from sqz_integrations import SqueezeConfig, SqueezedEngine
+from sqz_integrations import SqueezeConfig, SqueezedEngine, decode_graph
 from sqz_integrations.config import CENTROID_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +115,29 @@ def peak_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
 
 
+class CaptureTimer:
+    """Times each CUDA-graph capture (one per answer with graphs, at its third token; inside its total time)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._init = decode_graph.GraphedStep.__init__
+        timer = self
+
+        def timed(step, *a, **k):
+            t0 = time.perf_counter()
+            timer._init(step, *a, **k)
+            timer.seconds.append(time.perf_counter() - t0)
+
+        decode_graph.GraphedStep.__init__ = timed
+
+    def take(self) -> list[float]:
+        out, self.seconds = self.seconds, []
+        return out
+
+
 def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     rec: dict = {"tokens_requested": tokens}
+    captures = CaptureTimer() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -126,15 +147,30 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     rec.update(corpus_tokens=corpus.n_tokens, build_seconds=time.perf_counter() - t0, build_peak_gb=peak_gb(device),
                clusters_per_head=corpus.n_clusters)
     systems: dict[str, list[dict]] = {}
+    # on CUDA every budget twice: decode steps replayed as CUDA graphs (the default) and launched eagerly
+    modes = [("", True), (" eager", False)] if device == "cuda" and engine.config.cuda_graphs else [("", False)]
+    built = corpus.config
     for budget in [1.0] + args.budgets:
-        runs = []
-        for rep in range(args.repeats):
-            for q in QUESTIONS:
-                sync(device)
-                ans = engine.answer(q, corpus="bench", max_new_tokens=args.new_tokens, kv_budget=budget)
-                runs.append(dict(ttft=ans.time_to_first_token, total=ans.total_time, tokens=ans.completion_tokens,
-                                 kept=ans.kept_fraction, warm=rep > 0 or q != QUESTIONS[0], ids=ans.token_ids))
-        systems[f"squeezed@{budget:g}"] = runs
+        for label, graphs in modes:
+            corpus.config = built.replace(cuda_graphs=graphs)
+            runs = []
+            for rep in range(args.repeats):
+                for q in QUESTIONS:
+                    sync(device)
+                    ans = engine.answer(q, corpus="bench", max_new_tokens=args.new_tokens, kv_budget=budget)
+                    runs.append(dict(ttft=ans.time_to_first_token, total=ans.total_time, tokens=ans.completion_tokens,
+                                     kept=ans.kept_fraction, warm=rep > 0 or q != QUESTIONS[0], ids=ans.token_ids))
+            systems[f"squeezed@{budget:g}{label}"] = runs
+        if len(modes) > 1:  # the graph replays must give the eager steps' tokens
+            rec.setdefault("graph_tokens_equal_eager", {})[f"{budget:g}"] = all(
+                a["ids"] == b["ids"] for a, b in zip(systems[f"squeezed@{budget:g}"], systems[f"squeezed@{budget:g} eager"]))
+    corpus.config = built
+    rec["cuda_graph_error"] = engine.cuda_graph_error
+    if captures is not None:
+        taken = sorted(captures.take())
+        rec["graph_capture_ms"] = dict(n=len(taken), median=1e3 * taken[len(taken) // 2] if taken else None,
+                                       max=1e3 * taken[-1] if taken else None)
+        decode_graph.GraphedStep.__init__ = captures._init
     # cache-augmented generation with the same model (plain SDPA: no squeeze argument) and its full cache
     corpus_ids = list(corpus.token_ids)
     if device == "cuda":
@@ -227,6 +263,12 @@ def markdown(meta: dict, records: list[dict]) -> str:
         for name, s in r["systems"].items():
             lines.append(f"| {r['corpus_tokens']} | {r['build_seconds']:.1f} | {name} | {s['ttft_s']:.3f} | "
                          f"{s['per_token_ms']:.1f} | {s['kept_fraction']:.3f} |")
+    for r in records:
+        cap = r.get("graph_capture_ms")
+        if cap and cap["n"]:
+            lines.append(f"\n{r['corpus_tokens']} tokens: one CUDA-graph capture per graphed answer, median "
+                         f"{cap['median']:.1f} ms (max {cap['max']:.1f}, {cap['n']} answers), inside the times above; "
+                         f"graph tokens equal eager: {r.get('graph_tokens_equal_eager')}")
     return "\n".join(lines) + "\n"
 
 
