@@ -20,6 +20,15 @@ from contextlib import contextmanager
 import torch
 
 
+class DeviceBusy(RuntimeError):
+    """Another thread kept the device (e.g. a corpus build): this answer decodes eagerly, the next one captures."""
+
+
+# How long a capture waits for the other threads' device work: a corpus build holds the device for seconds, and
+# every new forward waits behind a waiting capture, so the answer gives up and decodes eagerly instead.
+CAPTURE_WAIT_S = 0.5
+
+
 class DeviceLock:
     """Lets a CUDA-graph capture run while no other thread of the engine works on the device.
 
@@ -56,16 +65,18 @@ class DeviceLock:
                     self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self):
+    def exclusive(self, timeout: float | None = None):
+        """Held alone; raises :class:`DeviceBusy` after ``timeout`` seconds of waiting (``None``: waits)."""
         if getattr(self._depth, "n", 0):
             raise RuntimeError("a capture cannot start inside a forward or a corpus build of the same thread")
         with self._cond:
             self._waiting += 1
             try:
-                while self._exclusive or self._shared:
-                    self._cond.wait()
+                if not self._cond.wait_for(lambda: not (self._exclusive or self._shared), timeout):
+                    raise DeviceBusy(f"the device stayed busy for {timeout} s")
             finally:
                 self._waiting -= 1
+                self._cond.notify_all()  # shared holders that waited behind this request go on
             self._exclusive = True
         try:
             yield
@@ -147,7 +158,7 @@ class GraphedStep:
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: only this thread's own unsafe calls are checked; DeviceLock keeps the engine's other
             # threads off the device meanwhile
-            with lock.exclusive(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with lock.exclusive(CAPTURE_WAIT_S), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = model(
                     input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
                     squeeze=read, logits_to_keep=1, **{cache_arg: None},

@@ -240,7 +240,8 @@ class SqueezedEngine:
         every kernel the graph records)."""
         cache = None if graphs else DynamicCache()
         if graphs:
-            read.dyn = decode_graph.DynamicTokens(len(suffix) + max_new_tokens, self.device)
+            with self._device_lock.shared():
+                read.dyn = decode_graph.DynamicTokens(len(suffix) + max_new_tokens, self.device)
         capture = graphs and self.device.type == "cuda"
         step = None
         position, feed = corpus.n_tokens, suffix
@@ -269,6 +270,8 @@ class SqueezedEngine:
         """A decode step of ``read`` as a CUDA graph, or None (logged once) where capturing fails."""
         try:
             return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg, self._device_lock)
+        except decode_graph.DeviceBusy:  # not the model's fault: this answer stays eager, the next one captures
+            return None
         except Exception as exc:  # the model or a kernel does something a graph cannot hold
             while exc.__context__ is not None:  # the first failure, not the capture's end reporting it
                 exc = exc.__context__

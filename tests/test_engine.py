@@ -400,7 +400,7 @@ def test_device_lock_lets_a_capture_run_alone():
     import threading
     import time
 
-    from sqz_integrations.decode_graph import DeviceLock
+    from sqz_integrations.decode_graph import DeviceBusy, DeviceLock
 
     lock, events = DeviceLock(), []
     in_shared, release = threading.Event(), threading.Event()
@@ -430,3 +430,22 @@ def test_device_lock_lets_a_capture_run_alone():
     with lock.shared(), pytest.raises(RuntimeError, match="capture cannot start"):
         with lock.exclusive():
             pass
+    # a capture that cannot get the device in time gives up, and lets the waiting shared holders go on
+    busy, got = threading.Event(), []
+    def hold():
+        with lock.shared():
+            busy.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    release.clear()
+    holder.start()
+    assert busy.wait(5)
+    with pytest.raises(DeviceBusy, match="busy"):
+        with lock.exclusive(timeout=0.1):
+            got.append("captured")
+    with lock.shared():  # not blocked behind the abandoned capture
+        got.append("shared")
+    assert got == ["shared"]
+    release.set()
+    holder.join(5)
