@@ -67,10 +67,7 @@ def centroid_scores(
 def parent_index(l1_offsets: torch.Tensor) -> torch.Tensor:
     """``(kv_heads, l1_clusters + 1)`` offsets -> ``(kv_heads, clusters)`` int64: the level-1 parent of every
     level-2 cluster (level-2 clusters are sorted by parent)."""
-    sizes = (l1_offsets[:, 1:] - l1_offsets[:, :-1]).long()
-    kvh, n_l1 = sizes.shape
-    flat = torch.arange(n_l1, device=sizes.device).expand(kvh, n_l1).reshape(-1)
-    return torch.repeat_interleave(flat, sizes.reshape(-1)).view(kvh, -1)
+    return cluster_of_key(l1_offsets)
 
 
 def hierarchical_centroid_scores(

@@ -260,7 +260,7 @@ class CorpusRead:
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist,
-            **({} if dyn_len is None else {"dyn_len": dyn_len}),
+            dyn_len=dyn_len,
         )
         self._record(layer_idx, layer, scores, selected)
         if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:
