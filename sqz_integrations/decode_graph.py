@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,6 +110,11 @@ class DynamicTokens:
         self._start = torch.zeros((), dtype=torch.long, device=device)
         self._valid = torch.zeros((), dtype=torch.long, device=device)
 
+    def reset(self) -> None:
+        """Empty, for another answer: the buffers stay where they are (a captured graph reads them)."""
+        self.n = self.new = 0
+        self.on_device = False
+
     def begin(self, new_tokens: int, on_device: bool = False) -> None:
         if self.n + new_tokens > self.capacity:
             raise ValueError(f"{self.n + new_tokens} dynamic tokens do not fit in {self.capacity}")
@@ -181,3 +187,63 @@ class GraphedStep:
         self.read.add_host_counters(self.delta)
         return self.logits
 
+
+
+def capacity_for(tokens: int) -> int:
+    """Dynamic-token slots for an answer of ``tokens`` (question + new tokens): the next power of two, at least
+    256, so that answers of similar length share one pooled graph. The attention reads only the valid slots
+    (``dyn_len``): a larger buffer costs memory, not time."""
+    return max(256, 1 << max(0, tokens - 1).bit_length())
+
+
+@dataclass
+class GraphSlot:
+    """A read with its dynamic-token buffers and, once captured, its decode step: what :class:`GraphPool` keeps
+    between answers. ``key`` says which answers can take it (see ``SqueezedEngine._slot_key``)."""
+
+    key: tuple
+    read: object  # selection.CorpusRead (not imported: decode_graph sits below selection)
+    step: GraphedStep | None = None
+
+
+@dataclass
+class GraphPool:
+    """Decode graphs kept for the next answer of the same kind (corpus, read plan, configuration, buffer size).
+
+    A capture costs ~15-20 ms and an answer's first steps ran eagerly before it (H200, README); an answer that
+    takes a pooled slot resets its read in place (the graph's tensors keep their addresses) and replays from its
+    first generated token on. A slot is held by one answer at a time; at most ``per_corpus`` free slots are kept
+    per corpus (the oldest dropped first), and a corpus's slots go when it is removed or replaced.
+    """
+
+    per_corpus: int = 4
+    _free: dict = field(default_factory=dict)  # corpus name -> [GraphSlot], oldest first
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, corpus: str, key: tuple) -> GraphSlot | None:
+        with self._lock:
+            slots = self._free.get(corpus, [])
+            for i in range(len(slots) - 1, -1, -1):
+                if slots[i].key == key:
+                    return slots.pop(i)
+        return None
+
+    def give(self, corpus: str, slot: GraphSlot) -> None:
+        with self._lock:
+            slots = self._free.setdefault(corpus, [])
+            if any(s.key == slot.key for s in slots):  # another thread's answer pooled one of this kind meanwhile
+                return
+            slots.append(slot)
+            del slots[:-self.per_corpus]
+
+    def drop(self, corpus: str) -> None:
+        with self._lock:
+            self._free.pop(corpus, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(map(len, self._free.values()))

@@ -57,6 +57,7 @@ class SqueezedEngine:
         # why the last CUDA-graph capture failed (answers then decode eagerly; logged once)
         self.cuda_graph_error: str | None = None
         self._device_lock = decode_graph.DeviceLock()
+        self._graph_pool = decode_graph.GraphPool()  # captured decode steps, reused by later answers
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -122,6 +123,7 @@ class SqueezedEngine:
         self.get_corpus(name)
         with self._lock:
             del self._corpora[name]
+        self._graph_pool.drop(name)
 
     def add_corpus(
         self,
@@ -187,6 +189,7 @@ class SqueezedEngine:
         corpus.build_seconds = time.perf_counter() - start
         with self._lock:
             self._corpora[name] = corpus
+        self._graph_pool.drop(name)  # the graphs of a corpus this one replaces
         logger.info("corpus %r: %d tokens, %d clusters per head, built in %.1fs", name, len(ids), corpus.n_clusters, corpus.build_seconds)
         return corpus
 
@@ -232,23 +235,25 @@ class SqueezedEngine:
         return out.logits[0]
 
     def _decode(self, corpus: SqueezedCorpus, suffix: list[int], read: CorpusRead, sampler: Sampler,
-                max_new_tokens: int, graphs: bool = False):
+                max_new_tokens: int, slot: "decode_graph.GraphSlot | None" = None):
         """The decoding loop: yields each new token id until end of turn or ``max_new_tokens``.
 
-        ``graphs``: the dynamic tokens go into the read's own buffers and, on CUDA, the steps from the third
-        token on replay a CUDA graph captured at that step (the second step, eager, has compiled and warmed
-        every kernel the graph records)."""
+        With a ``slot`` (CUDA-graph decode) the dynamic tokens go into the read's own buffers and, on CUDA, the
+        single-token steps replay the slot's graph: from the first generated token on when the slot comes from
+        the pool, else from the third, captured there (the second step, eager, has compiled and warmed every
+        kernel the graph records)."""
+        graphs = slot is not None
         cache = None if graphs else DynamicCache()
-        if graphs:
+        if graphs and read.dyn is None:
             with self._device_lock.shared():
-                read.dyn = decode_graph.DynamicTokens(len(suffix) + max_new_tokens, self.device)
-        capture = graphs and self.device.type == "cuda"
-        step = None
+                read.dyn = decode_graph.DynamicTokens(slot.key[-1], self.device)
+        capture = graphs and self.device.type == "cuda" and slot.step is None
         position, feed = corpus.n_tokens, suffix
         for i in range(max_new_tokens):
-            if step is None and capture and i >= 2:
-                step = self._capture(read)
-                capture = step is not None
+            if capture and i >= 2:
+                slot.step = self._capture(read)
+                capture = False
+            step = slot.step if graphs and len(feed) == 1 else None
             # every device call of a step (not the yield) under the shared lock: another thread may be capturing
             with self._device_lock.shared():
                 if step is not None:
@@ -279,13 +284,27 @@ class SqueezedEngine:
                 logger.warning("CUDA-graph decode is off for this engine: capturing a step failed (%s); "
                                "answers decode eagerly", exc)
             self.cuda_graph_error = f"{type(exc).__name__}: {exc}"
+            self._graph_pool.clear()
             return None
 
-    def _graphs_for(self, read: CorpusRead, max_new_tokens: int) -> bool:
+    def _graphs_for(self, corpus: SqueezedCorpus, plan: ReadPlan, max_new_tokens: int) -> bool:
         """Whether an answer decodes through CUDA graphs: CUDA, the Triton path (the torch twins read lengths on
         the host), at least three tokens to generate, and no earlier capture failure."""
-        return (read.corpus.config.cuda_graphs and self.device.type == "cuda" and read.plan.fused
+        return (corpus.config.cuda_graphs and self.device.type == "cuda" and plan.fused
                 and max_new_tokens > 2 and self.cuda_graph_error is None)
+
+    def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int) -> "decode_graph.GraphSlot":
+        """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read. The key holds
+        everything a captured step depends on: the corpus object, the plan's settings (its thresholds and
+        retrieval heads follow from them and the corpus's calibration), the corpus's configuration (sources,
+        copy pins) and the size of the dynamic-token buffers (last)."""
+        key = (id(corpus), plan.kv_budget, plan.question_budget, plan.selection, plan.hierarchical,
+               plan.backend.__name__, corpus.config, decode_graph.capacity_for(tokens))
+        slot = self._graph_pool.take(corpus.name, key)
+        if slot is None:
+            return decode_graph.GraphSlot(key, CorpusRead(corpus, plan, track_sources=corpus.config.sources))
+        slot.read.reset()
+        return slot
 
     @torch.inference_mode()
     def _probe(self, corpus: SqueezedCorpus, cfg: SqueezeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -322,14 +341,19 @@ class SqueezedEngine:
         start = time.perf_counter()
         c = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)
+        slot = None
         with self._device_lock.shared():
             plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
-            read = CorpusRead(c, plan, track_sources=c.config.sources)
+            if self._graphs_for(c, plan, params.max_new_tokens):
+                slot = self._graph_slot(c, plan, len(suffix) + params.max_new_tokens)
+                read = slot.read
+                plan = read.plan  # the pooled read's own plan: the same settings, the tensors its graph holds
+            else:
+                read = CorpusRead(c, plan, track_sources=c.config.sources)
             sampler = Sampler(params, self.device)
         text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
         first_token_time, finish = None, "length"
-        graphs = self._graphs_for(read, params.max_new_tokens)
-        for token in self._decode(c, suffix, read, sampler, params.max_new_tokens, graphs):
+        for token in self._decode(c, suffix, read, sampler, params.max_new_tokens, slot):
             if first_token_time is None:
                 first_token_time = time.perf_counter() - start
             if token in self._eos_ids:
@@ -346,6 +370,8 @@ class SqueezedEngine:
             yield tail
         with self._device_lock.shared():
             answer = self._answer_record(c, corpus, suffix, plan, read, text, finish, first_token_time, start)
+        if slot is not None and self.cuda_graph_error is None:
+            self._graph_pool.give(corpus, slot)  # only now: the record above has read the read's counters
         yield answer
 
     def _answer_record(self, c, corpus, suffix, plan, read, text, finish, first_token_time, start) -> Answer:

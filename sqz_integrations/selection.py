@@ -255,8 +255,11 @@ class CorpusRead:
             # it focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from
             # turning a sparse read into a full one (SqueezeConfig.copy_cap)
             cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
-            self.pins[layer_idx] = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap,
-                                             self.plan.backend)
+            pins = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap, self.plan.backend)
+            if layer_idx in self.pins:  # in place: a pooled decode graph reads this tensor (reset())
+                self.pins[layer_idx].copy_(pins)
+            else:
+                self.pins[layer_idx] = pins
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist,
@@ -266,6 +269,21 @@ class CorpusRead:
         if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:
             self._measure_sources(layer_idx, layer, q, dyn_k, selected, scale, dyn_len)
         return out.transpose(1, 2).contiguous()
+
+    def reset(self) -> None:
+        """Ready for another answer with the same plan. In place: a pooled CUDA graph of a decode step holds this
+        read's tensors (the counters, the pins, the dynamic-token buffers) by address (decode_graph.GraphPool)."""
+        n_layers = len(self.corpus.layers)
+        self.selected_keys.zero_()
+        self._scored_dev.zero_()
+        self.doc_mass.zero_()
+        self._rows = [1] * n_layers
+        self.steps = [0] * n_layers
+        self._scored_host = 0.0
+        for pins in self.pins.values():  # the next question pins again; until then (and if it is one token) none
+            pins.zero_()
+        if self.dyn is not None:
+            self.dyn.reset()
 
     def host_counters(self) -> tuple[list[int], float]:
         """The counters kept in Python (a CUDA-graph replay skips them; see decode_graph.GraphedStep)."""

@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_FAMILIES, random_text
 from sqz_integrations import CorpusDocument, SqueezeConfig
 from sqz_integrations.corpus import budget_keys, centroid_storage
+from sqz_integrations.selection import CorpusRead
 
 DOCS = [random_text(120, seed=1), random_text(150, seed=2), random_text(90, seed=3)]
 QUESTION = "Which word comes after river?"
@@ -365,7 +366,7 @@ def test_preallocated_dynamic_tokens_give_the_same_answer(make_tiny_engine, fami
         return append(self, layer_idx, k, v)
 
     monkeypatch.setattr(decode_graph.DynamicTokens, "append", spy)
-    monkeypatch.setattr(engine, "_graphs_for", lambda read, max_new_tokens: True)
+    monkeypatch.setattr(engine, "_graphs_for", lambda corpus, plan, max_new_tokens: True)
     static = engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
     assert len(plain.token_ids) > 2 and any(on_device) and not all(on_device)
     assert static.token_ids == plain.token_ids
@@ -373,6 +374,35 @@ def test_preallocated_dynamic_tokens_give_the_same_answer(make_tiny_engine, fami
     assert [s.document_index for s in static.sources] == [s.document_index for s in plain.sources]
     for a, b in zip(static.sources, plain.sources):
         assert a.score == pytest.approx(b.score, rel=1e-6)
+
+
+def test_pooled_read_answers_like_a_fresh_one(make_tiny_engine, monkeypatch):
+    """The CUDA-graph path's pool on the CPU (no graph is captured there): a later answer of the same kind takes
+    the earlier answer's read, reset in place (counters, copy pins, sources, dynamic tokens), and gives what a
+    fresh read gives; another budget or a replaced corpus does not take it."""
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    questions = [QUESTION, "Which document talks about the harbor, and what does it say?", QUESTION]
+    fresh = [engine.answer(q, corpus="docs", max_new_tokens=10) for q in questions]
+    monkeypatch.setattr(engine, "_graphs_for", lambda corpus, plan, max_new_tokens: True)
+    reads = []
+    reset = CorpusRead.reset
+    monkeypatch.setattr(CorpusRead, "reset", lambda self: (reads.append(self), reset(self))[1])
+    pooled = [engine.answer(q, corpus="docs", max_new_tokens=10) for q in questions]
+    assert len(reads) == 2 and reads[0] is reads[1]  # the second and third answers took the first one's read
+    assert reads[0].pins  # the question pinned clusters, and the next question's pins replaced them in place
+    for a, b in zip(pooled, fresh):
+        assert a.token_ids == b.token_ids
+        assert a.kept_fraction == pytest.approx(b.kept_fraction, rel=1e-12)
+        assert [(s.document_index, round(s.score, 6)) for s in a.sources] == \
+            [(s.document_index, round(s.score, 6)) for s in b.sources]
+    assert fresh[0].kept_fraction != fresh[1].kept_fraction  # the two questions read differently
+    engine.answer(QUESTION, corpus="docs", max_new_tokens=10, kv_budget=0.5)
+    assert len(reads) == 2 and len(engine._graph_pool) == 2  # another plan: a slot of its own
+    engine.add_corpus("docs", DOCS, progress=False, replace=True)
+    assert len(engine._graph_pool) == 0
+    engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
+    assert len(reads) == 2
 
 
 def test_dynamic_tokens_refuse_overflow():

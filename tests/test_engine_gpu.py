@@ -40,6 +40,7 @@ TOKENIZER_DIR = Path(__file__).parent / "data" / "smollm2_tokenizer"
 DEVICE = "cuda"
 WORLDS = [(64, "bfloat16"), (64, "float16"), (128, "bfloat16"), (128, "float16")]
 QUESTION = "Which word comes right after river in the second document?"
+OTHER_QUESTION = "How often does the word lamp appear near the end of the first document?"
 BUDGET = 0.25
 
 _WORDS = (
@@ -351,7 +352,7 @@ def check_copy_pins_fused(w: World, monkeypatch) -> None:
 
     monkeypatch.setattr(CorpusRead, "lookup", lookup)
     # eager steps: the spy reads the pins on the host at every step, which a CUDA-graph capture cannot hold
-    monkeypatch.setattr(e, "_graphs_for", lambda read, max_new_tokens: False)
+    monkeypatch.setattr(e, "_graphs_for", lambda corpus, plan, max_new_tokens: False)
     for corpus in (w.flat, w.hier):
         assert e.get_corpus(corpus).config.copy_window > 0
         seen.update(pinned=0, fused_pinned=0, fusable=0)
@@ -433,40 +434,52 @@ def test_answer_on_cuda(world, monkeypatch):
 
 def test_cuda_graph_decode_matches_eager(world, monkeypatch):
     """Decode steps replayed from a CUDA graph give the eager steps' greedy tokens, kept fraction and sources,
-    flat and hierarchical, and the graph is really replayed."""
+    flat and hierarchical. The first answer captures (replays from its third token); a second one of the same
+    kind, another question, takes that graph from the pool (no capture, replays from its second token) with its
+    own copy pins and counters."""
     from sqz_integrations import decode_graph
 
     e = world.engine
-    replays = [0]
-    replay = decode_graph.GraphedStep.__call__
+    replays, captures = [0], [0]
+    replay, capture = decode_graph.GraphedStep.__call__, decode_graph.GraphedStep.__init__
 
     def counted(self, token, position):
         replays[0] += 1
         return replay(self, token, position)
 
+    def counted_capture(self, *args, **kwargs):
+        captures[0] += 1
+        capture(self, *args, **kwargs)
+
     monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
+    monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
     assert e.cuda_graph_error is None  # no capture of the earlier tests failed either
     for corpus, hier in ((world.flat, False), (world.hier, True)):
         c = e.get_corpus(corpus)
         built = c.config
-        graphed = e.answer(QUESTION, corpus, max_new_tokens=16, kv_budget=BUDGET, hierarchical=hier)
-        n_replays, replays[0] = replays[0], 0
-        c.config = built.replace(cuda_graphs=False)
-        try:
-            eager = e.answer(QUESTION, corpus, max_new_tokens=16, kv_budget=BUDGET, hierarchical=hier)
-        finally:
-            c.config = built
-        _report(world=world.name, check="cuda_graph_decode", corpus=corpus, replays=n_replays,
-                tokens=len(graphed.token_ids), graphed_s=graphed.total_time, eager_s=eager.total_time,
-                equal=graphed.token_ids == eager.token_ids)
-        assert e.cuda_graph_error is None
-        assert replays[0] == 0 and n_replays == max(0, len(graphed.token_ids) - 2 + (graphed.finish_reason == "stop"))
-        assert n_replays > 0
-        assert graphed.token_ids == eager.token_ids
-        assert graphed.kept_fraction == pytest.approx(eager.kept_fraction, rel=1e-9)
-        assert [s.document_index for s in graphed.sources] == [s.document_index for s in eager.sources]
-        for a, b in zip(graphed.sources, eager.sources):
-            assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
+        e._graph_pool.clear()
+        for n, question in enumerate((QUESTION, OTHER_QUESTION)):
+            replays[0] = captures[0] = 0
+            graphed = e.answer(question, corpus, max_new_tokens=16, kv_budget=BUDGET, hierarchical=hier)
+            n_replays, n_captures, replays[0] = replays[0], captures[0], 0
+            c.config = built.replace(cuda_graphs=False)
+            try:
+                eager = e.answer(question, corpus, max_new_tokens=16, kv_budget=BUDGET, hierarchical=hier)
+            finally:
+                c.config = built
+            _report(world=world.name, check="cuda_graph_decode", corpus=corpus, pooled=n > 0, replays=n_replays,
+                    tokens=len(graphed.token_ids), graphed_s=graphed.total_time, eager_s=eager.total_time,
+                    equal=graphed.token_ids == eager.token_ids)
+            assert e.cuda_graph_error is None
+            eager_steps = 2 if n == 0 else 1  # the question's read, and before a capture the first single token
+            assert n_captures == (1 if n == 0 else 0)
+            assert replays[0] == 0
+            assert n_replays == max(0, len(graphed.token_ids) - eager_steps + (graphed.finish_reason == "stop")) > 0
+            assert graphed.token_ids == eager.token_ids
+            assert graphed.kept_fraction == pytest.approx(eager.kept_fraction, rel=1e-9)
+            assert [s.document_index for s in graphed.sources] == [s.document_index for s in eager.sources]
+            for a, b in zip(graphed.sources, eager.sources):
+                assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
 
 
 def test_cuda_graph_answers_from_two_threads(world):
