@@ -193,7 +193,8 @@ def peak_gb(device: str) -> float | None:
 
 
 class CaptureTimer:
-    """Times each CUDA-graph capture (one per answer with graphs, at its third token; inside its total time)."""
+    """Times each CUDA-graph capture (at the third token of an answer that finds no pooled graph of its kind;
+    inside that answer's total time)."""
 
     def __init__(self):
         self.seconds: list[float] = []
@@ -359,9 +360,10 @@ def markdown(meta: dict, records: list[dict]) -> str:
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:
-            lines.append(f"\n{r['corpus_tokens']} tokens: one CUDA-graph capture per graphed answer, median "
-                         f"{cap['median']:.1f} ms (max {cap['max']:.1f}, {cap['n']} answers), inside the times above; "
-                         f"graph tokens equal eager: {r.get('graph_tokens_equal_eager')}")
+            lines.append(f"\n{r['corpus_tokens']} tokens: {cap['n']} CUDA-graph captures (an answer captures where no "
+                         f"pooled graph of its kind is free: the first of each budget, which the medians leave out), "
+                         f"median {cap['median']:.1f} ms (max {cap['max']:.1f}); graph tokens equal eager: "
+                         f"{r.get('graph_tokens_equal_eager')}")
     return "\n".join(lines) + "\n"
 
 
