@@ -13,10 +13,12 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def _assign(xn: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Index of the most similar centre for every point: (B, N, D), (B, K, D) -> (B, N)."""
+    """Index of the most similar centre for every point: (B, N, D), (B, K, D) -> (B, N); the similarities in
+    ``xn``'s dtype (see ``assign_dtype`` of :func:`spherical_kmeans`)."""
     labels = torch.empty(xn.shape[:2], dtype=torch.long, device=xn.device)
+    centers_t = centers.to(xn.dtype).transpose(1, 2)
     for start in range(0, xn.shape[1], _ASSIGN_CHUNK):
-        sim = torch.bmm(xn[:, start : start + _ASSIGN_CHUNK], centers.transpose(1, 2))
+        sim = torch.bmm(xn[:, start : start + _ASSIGN_CHUNK], centers_t)
         labels[:, start : start + _ASSIGN_CHUNK] = sim.argmax(dim=-1)
     return labels
 
@@ -68,6 +70,7 @@ def spherical_kmeans(
     iters: int = 20,
     seed: int = 0,
     weights: torch.Tensor | None = None,
+    assign_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Cluster the directions of ``x`` ``(batch, points, dim)`` into ``k`` groups per batch row.
 
@@ -76,6 +79,10 @@ def spherical_kmeans(
     (e.g. cluster sizes when clustering centroids) weight both the seeding and the means; a point of
     weight 0 never seeds a cluster. Returns labels ``(batch, points)`` int64 in ``[0, k)``.
     Runs on ``x``'s device; the same seed gives the same labels.
+
+    ``assign_dtype``: the dtype of the points-by-centres similarities of the Lloyd steps' assignments (the
+    means, the seeding and the returned labels' centres stay float32). Default: bfloat16 on CUDA, where the
+    assignments are most of a corpus build and float32 has no tensor cores; float32 elsewhere.
     """
     if x.ndim != 3:
         raise ValueError(f"expected (batch, points, dim), got shape {tuple(x.shape)}")
@@ -88,7 +95,10 @@ def spherical_kmeans(
         raise ValueError("every batch row needs a positive total weight")
     gen = torch.Generator(device=x.device).manual_seed(seed)
     centers = _kmeans_pp_init(xn, k, w, gen)
-    labels = _assign(xn, centers)
+    if assign_dtype is None:
+        assign_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    xa = xn.to(assign_dtype)
+    labels = _assign(xa, centers)
     for _ in range(iters):
         sums = torch.zeros(b, k, d, device=x.device).scatter_add_(
             1, labels.unsqueeze(-1).expand(b, n, d), xn * w.unsqueeze(-1)
@@ -96,7 +106,7 @@ def spherical_kmeans(
         mass = torch.zeros(b, k, device=x.device).scatter_add_(1, labels, w)
         # An emptied cluster keeps its previous centre rather than becoming NaN.
         centers = torch.where(mass.unsqueeze(-1) > 0, _normalise(sums), centers)
-        new_labels = _assign(xn, centers)
+        new_labels = _assign(xa, centers)
         if torch.equal(new_labels, labels):
             break
         labels = new_labels
