@@ -39,12 +39,15 @@ class ScoreDistribution:
     """
 
     def __init__(self, scores: torch.Tensor, weights: torch.Tensor, heads: torch.Tensor, parent_scores: torch.Tensor | None):
+        # Sorted where the scores were computed and kept on the host: on the H200 sorting ~2e7 scores on the CPU
+        # was seconds of a 128K-token build, and held on the GPU the sorted arrays would take ~0.4 GB per
+        # distribution for the corpus's lifetime.
         valid = torch.isfinite(scores) & (weights > 0)
         order = torch.argsort(scores[valid], descending=True)
-        self.scores = scores[valid][order]
-        self.weights = weights[valid][order].double()
-        self.heads = heads[valid][order]
-        self.parent = parent_scores[valid][order] if parent_scores is not None else None
+        self.scores = scores[valid][order].cpu()
+        self.weights = weights[valid][order].double().cpu()
+        self.heads = heads.to(scores.device)[valid][order].cpu()
+        self.parent = parent_scores[valid][order].cpu() if parent_scores is not None else None
 
     def _view(self, excluded: torch.Tensor | None):
         """(scores, weights, parents) without the ``excluded`` heads (a bool mask over head ids)."""
@@ -99,14 +102,14 @@ def _scored(queries: list[torch.Tensor], layers, scale: float, share: float, fir
     for i, (q, layer) in enumerate(zip(queries, layers)):
         s = reference.centroid_scores(q, layer.centroids, layer.log_counts, scale)  # reads, KVH, C
         kvh = s.shape[1]
-        scores.append(s.flatten().cpu())
-        weights.append(torch.exp(layer.log_counts).expand_as(s).flatten().cpu() / q.shape[0])
-        head = torch.arange((first_layer + i) * kvh, (first_layer + i + 1) * kvh, dtype=torch.int32)
+        scores.append(s.flatten())  # on the corpus's device until sorted (ScoreDistribution)
+        weights.append(torch.exp(layer.log_counts).expand_as(s).flatten() / q.shape[0])
+        head = torch.arange((first_layer + i) * kvh, (first_layer + i + 1) * kvh, dtype=torch.int32, device=s.device)
         heads.append(head[None, :, None].expand_as(s).flatten())
         if layer.l1_centroids is not None:
             s1 = reference.centroid_scores(q, layer.l1_centroids, layer.l1_log_counts, scale)
             parent = reference.parent_index(layer.l1_offsets).unsqueeze(0).expand_as(s)
-            parents.append(torch.gather(s1, 2, parent).flatten().cpu())
+            parents.append(torch.gather(s1, 2, parent).flatten())
     return torch.cat(scores), torch.cat(weights) * share, torch.cat(heads), torch.cat(parents) if parents else None
 
 
