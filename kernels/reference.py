@@ -64,6 +64,32 @@ def centroid_scores(
     return _log_mean_over_queries(log_s)
 
 
+# The twin computes similarities in slices of this many points: the (points x centres) matrix of a 512K-token corpus
+# with 5% clusters would not fit otherwise.
+_NEAREST_CHUNK = 16384
+
+
+def nearest_center(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """K-means assignment: for every point of ``points`` ``(batch, n, d)`` the index of the centre of ``centers``
+    ``(batch, k, d)`` with the largest dot product, ``(batch, n)`` int64 (the first one on a tie). The products
+    are computed in ``points``' dtype (the centres are cast to it), each rounded to it before the comparison."""
+    _check_nearest(points, centers)
+    labels = torch.empty(points.shape[:2], dtype=torch.long, device=points.device)
+    centers_t = centers.to(points.dtype).transpose(1, 2)
+    for start in range(0, points.shape[1], _NEAREST_CHUNK):
+        sim = torch.bmm(points[:, start : start + _NEAREST_CHUNK], centers_t)
+        labels[:, start : start + _NEAREST_CHUNK] = sim.argmax(dim=-1)
+    return labels
+
+
+def _check_nearest(points: torch.Tensor, centers: torch.Tensor) -> None:
+    if points.ndim != 3 or centers.ndim != 3 or points.shape[0] != centers.shape[0] or points.shape[2] != centers.shape[2]:
+        raise ValueError(f"expected points (batch, n, d) and centers (batch, k, d), got {tuple(points.shape)} and "
+                         f"{tuple(centers.shape)}")
+    if centers.shape[1] == 0:
+        raise ValueError("nearest_center needs at least one centre")
+
+
 def parent_index(l1_offsets: torch.Tensor) -> torch.Tensor:
     """``(kv_heads, l1_clusters + 1)`` offsets -> ``(kv_heads, clusters)`` int64: the level-1 parent of every
     level-2 cluster (level-2 clusters are sorted by parent)."""

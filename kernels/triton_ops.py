@@ -11,6 +11,7 @@ from .lookup import (
     key_max_logprob,
 )
 from .merge import merge_attention
+from .nearest import nearest_center
 from .reference import cluster_key_mask
 from .selection import select_clusters
 from .sparse_attention import AttentionConfig, causal_attention, sparse_attention, squeezed_attention
@@ -28,6 +29,7 @@ __all__ = [
     "hierarchical_centroid_selection",
     "key_max_logprob",
     "merge_attention",
+    "nearest_center",
     "select_clusters",
     "select_worklist",
     "sparse_attention",

@@ -134,6 +134,13 @@ _case("sparse-compact-empty", kind="sparse", b=2, kvh=1, g=4, t=3, d=64, c=11, n
       keep="none", compact=True)
 _case("sparse-compact-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, n=65, tail=0, dtype="float32",
       keep="one", compact=True)
+# K-means assignment (nearest_center): points and centres not multiples of the tiles, several centre tiles, a
+# duplicated centre in the last tile (the first index must win the tie), a head_dim that is not a power of two,
+# a single centre
+for _dt in ("float32", "float16"):
+    _case(f"nearest-{_dt}", kind="nearest", b=2, n=301, k=150, d=64, dtype=_dt)
+_case("nearest-d80", kind="nearest", b=1, n=77, k=70, d=80, dtype="float32")
+_case("nearest-one-centre", kind="nearest", b=3, n=40, k=1, d=32, dtype="float16")
 
 # Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), 5% clusters: GPU only.
 GPU_CASES: dict[str, dict] = {
@@ -172,6 +179,8 @@ GPU_CASES: dict[str, dict] = {
                                          tail=100, m=256, compact=False),
     "real-sparse-prefill-compact-b2": dict(kind="sparse", b=2, kvh=8, g=4, t=200, d=128, c=1638, n=32768,
                                            tail=100),
+    # one layer's K-means assignment of a 32K-token corpus (5% clusters)
+    "real-nearest": dict(kind="nearest", b=8, n=32768, k=1638, d=128),
 }
 
 
@@ -366,6 +375,41 @@ _SWITCHES = {"stats_tma": ("lookup", "STATS_TMA"), "expand_gather": ("lookup", "
              "logn_ahead": ("lookup", "LOGN_AHEAD")}
 
 
+# How far below the best centre a pick may be: the twin rounds each product to the points' dtype before comparing
+# (unit vectors: products in [-1, 1]), the kernel compares float32 accumulations.
+_NEAREST_GAP = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 8e-3}
+
+
+def _nearest_case(name, p, device, dtype, gen) -> str | None:
+    import torch
+    import torch.nn.functional as F
+
+    from sqz_kernels import reference as ref
+    from sqz_kernels import triton_ops as tri
+
+    b, n, k, d = p["b"], p["n"], p["k"], p["d"]
+    dt = getattr(torch, dtype)
+    x = F.normalize(torch.randn(b, n, d, generator=gen), dim=-1).to(device=device, dtype=dt)
+    c = F.normalize(torch.randn(b, k, d, generator=gen), dim=-1).to(device=device, dtype=dt)
+    if k > 1:
+        c[:, -1] = c[:, 0]  # an exact tie: centre 0 must win it everywhere
+    exact = torch.bmm(x.double(), c.double().transpose(1, 2))  # of the stored (rounded) values
+    best = exact.max(-1).values
+    labels = {"triton": tri.nearest_center(x, c), "torch": ref.nearest_center(x, c)}
+    for twin, lab in labels.items():
+        if lab.shape != (b, n) or lab.dtype != torch.int64 or int(lab.min()) < 0 or int(lab.max()) >= k:
+            return f"{name}: {twin} labels {tuple(lab.shape)} {lab.dtype} out of shape or range"
+        gap = float((best - exact.gather(-1, lab.unsqueeze(-1)).squeeze(-1)).max())
+        if gap > _NEAREST_GAP[dtype]:
+            return f"{name}: {twin} picks a centre {gap:.2e} below the best"
+        if k > 1 and bool((lab == k - 1).any()):
+            return f"{name}: {twin} took the later of two equal centres"
+    agree = float((labels["triton"] == labels["torch"]).float().mean())
+    if dtype == "float32" and agree < 0.999:
+        return f"{name}: the kernel and the twin agree on {agree:.4f} of the labels"
+    return None
+
+
 def run_case(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> str | None:
     """Run one case: None when it passes, else what failed. Switch parameters (``_SWITCHES``) hold for the case."""
     import importlib
@@ -399,6 +443,8 @@ def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | Non
     gen = torch.Generator().manual_seed(seed)
     kind = p["kind"]
 
+    if kind == "nearest":
+        return _nearest_case(name, p, device, dtype, gen)
     if kind in ("lookup", "hier"):
         b, kvh, g, t, d, c = p["b"], p["kvh"], p["g"], p["t"], p["d"], p["c"]
         n = c * 6

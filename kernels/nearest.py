@@ -1,0 +1,63 @@
+"""K-means assignment (the twin of ``reference.nearest_center``): the dot product of every point with every
+centre and the running argmax over centre tiles, in one pass, so that the (points x centres) matrix never
+reaches memory. A corpus build runs it once per Lloyd step and layer; as a cuBLAS product plus a torch argmax it
+was ~70% of the K-means of a 128K-token corpus on the H200 (benchmarks/results/engine_notes.md)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import _check_nearest
+
+
+@triton.jit
+def _nearest_kernel(X, C, OUT, n, k, dim, stride_xb, stride_xn, stride_cb, stride_ck, stride_ob,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    d = tl.arange(0, D)
+    dmask = d < dim
+    x = tl.load(X + b * stride_xb + rows[:, None].to(tl.int64) * stride_xn + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < k
+        c = tl.load(C + b * stride_cb + cols[None, :].to(tl.int64) * stride_ck + d[:, None],
+                    mask=cmask[None, :] & dmask[:, None], other=0.0)
+        if IEEE:  # float32 points: no TF32 rounding, as the twin's float32 product
+            s = tl.dot(x, c, input_precision="ieee")
+        else:
+            s = tl.dot(x, c)
+        s = tl.where(cmask[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        i = tl.argmax(s, 1, tie_break_left=True)
+        better = m > best  # strictly: an earlier tile keeps a tie, so the first maximum wins overall
+        best = tl.where(better, m, best)
+        arg = tl.where(better, k0 + i, arg)
+    tl.store(OUT + b * stride_ob + rows, arg.to(tl.int64), mask=rmask)
+
+
+def nearest_center(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Same contract as :func:`sqz_kernels.reference.nearest_center`, except that each product is compared as
+    accumulated in float32, not rounded to ``points``' dtype first: on near-ties of 16-bit products the two may
+    pick different centres of (nearly) the same similarity."""
+    _check_nearest(points, centers)
+    b, n, dim = points.shape
+    k = centers.shape[1]
+    x = points.contiguous()
+    c = centers.to(points.dtype).contiguous()
+    out = torch.empty(b, n, dtype=torch.long, device=points.device)
+    if n == 0 or b == 0:
+        return out
+    d = triton.next_power_of_2(max(dim, 16))
+    block_n, block_k = 128, 64  # not swept: one setting, timed in benchmarks/bench_clustering.py
+    grid = (triton.cdiv(n, block_n), b)
+    _nearest_kernel[grid](x, c, out, n, k, dim, x.stride(0), x.stride(1), c.stride(0), c.stride(1), out.stride(0),
+                          D=d, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=points.dtype == torch.float32,
+                          num_warps=4, num_stages=3)
+    return out
