@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-# Assignment is done in slices of this many points so that the (points x clusters) similarity
-# matrix stays small even for 512K-token corpora with thousands of clusters.
-_ASSIGN_CHUNK = 16384
+from sqz_kernels import get_backend
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -14,13 +12,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def _assign(xn: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Index of the most similar centre for every point: (B, N, D), (B, K, D) -> (B, N); the similarities in
-    ``xn``'s dtype (see ``assign_dtype`` of :func:`spherical_kmeans`)."""
-    labels = torch.empty(xn.shape[:2], dtype=torch.long, device=xn.device)
-    centers_t = centers.to(xn.dtype).transpose(1, 2)
-    for start in range(0, xn.shape[1], _ASSIGN_CHUNK):
-        sim = torch.bmm(xn[:, start : start + _ASSIGN_CHUNK], centers_t)
-        labels[:, start : start + _ASSIGN_CHUNK] = sim.argmax(dim=-1)
-    return labels
+    ``xn``'s dtype (see ``assign_dtype`` of :func:`spherical_kmeans`). On CUDA the fused Triton kernel (the
+    similarity matrix never reaches memory), elsewhere its torch twin."""
+    return get_backend("auto", xn.device.type).nearest_center(xn, centers)
 
 
 # Seeding takes k sequential steps. Up to this many clusters every step draws one centre (exact k-means++);
