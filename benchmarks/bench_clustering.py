@@ -3,7 +3,8 @@
 A corpus build clusters every layer's keys, all KV heads at once (``clustering.spherical_kmeans``, 5% clusters,
 20 Lloyd steps). Each step's assignment is a (points x clusters) similarity product, O(0.05 N^2 d) per head: at
 128K tokens it was most of a GPU build, and it grows with the square of the corpus. On CUDA the engine computes
-those similarities in bfloat16 (tensor cores); this script measures what that buys and what it costs.
+those similarities in bfloat16 (tensor cores), in one Triton kernel that keeps the running argmax
+(``sqz_kernels.nearest_center``); this script measures what the dtype buys and what it costs.
 
     python benchmarks/bench_clustering.py --timing [--tokens 131072 524288]   # GPU: seconds per layer
     python benchmarks/bench_clustering.py --quality                           # CPU: SmolLM2's real keys
