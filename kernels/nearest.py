@@ -55,7 +55,9 @@ def nearest_center(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     if n == 0 or b == 0:
         return out
     d = triton.next_power_of_2(max(dim, 16))
-    block_n, block_k = 128, 64  # not swept: one setting, timed in benchmarks/bench_clustering.py
+    # not swept: one setting, timed in benchmarks/bench_clustering.py at head_dim 128; wider heads take half the
+    # points per program so that the point tile stays at 32 KB (not run on a GPU beyond 128)
+    block_n, block_k = (128 if d <= 128 else 64), 64
     grid = (triton.cdiv(n, block_n), b)
     _nearest_kernel[grid](x, c, out, n, k, dim, x.stride(0), x.stride(1), c.stride(0), c.stride(1), out.stride(0),
                           D=d, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=points.dtype == torch.float32,

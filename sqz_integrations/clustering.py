@@ -75,8 +75,8 @@ def spherical_kmeans(
     Runs on ``x``'s device; the same seed gives the same labels.
 
     ``assign_dtype``: the dtype of the points-by-centres similarities of the Lloyd steps' assignments (the
-    means, the seeding and the returned labels' centres stay float32). Default: bfloat16 on CUDA, where the
-    assignments are most of a corpus build and float32 has no tensor cores; float32 elsewhere.
+    seeding and the means stay float32). Default: bfloat16 on CUDA, where the assignments were most of a corpus
+    build and float32 has no tensor cores; float32 elsewhere.
     """
     if x.ndim != 3:
         raise ValueError(f"expected (batch, points, dim), got shape {tuple(x.shape)}")

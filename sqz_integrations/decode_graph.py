@@ -188,7 +188,6 @@ class GraphedStep:
         return self.logits
 
 
-
 def capacity_for(tokens: int) -> int:
     """Dynamic-token slots for an answer of ``tokens`` (question + new tokens): the next power of two, at least
     256, so that answers of similar length share one pooled graph. The attention reads only the valid slots
@@ -199,7 +198,7 @@ def capacity_for(tokens: int) -> int:
 @dataclass
 class GraphSlot:
     """A read with its dynamic-token buffers and, once captured, its decode step: what :class:`GraphPool` keeps
-    between answers. ``key`` says which answers can take it (see ``SqueezedEngine._slot_key``)."""
+    between answers. ``key`` says which answers can take it (see ``SqueezedEngine._graph_slot``)."""
 
     key: tuple
     read: object  # selection.CorpusRead (not imported: decode_graph sits below selection)

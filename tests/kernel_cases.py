@@ -140,6 +140,7 @@ _case("sparse-compact-one-key", kind="sparse", b=1, kvh=2, g=3, t=2, d=64, c=9, 
 for _dt in ("float32", "float16"):
     _case(f"nearest-{_dt}", kind="nearest", b=2, n=301, k=150, d=64, dtype=_dt)
 _case("nearest-d80", kind="nearest", b=1, n=77, k=70, d=80, dtype="float32")
+_case("nearest-d256", kind="nearest", b=1, n=150, k=70, d=256, dtype="float32")  # half the points per program
 _case("nearest-one-centre", kind="nearest", b=3, n=40, k=1, d=32, dtype="float16")
 
 # Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), 5% clusters: GPU only.
