@@ -46,7 +46,7 @@ class ScoreDistribution:
         order = torch.argsort(scores[valid], descending=True)
         self.scores = scores[valid][order].cpu()
         self.weights = weights[valid][order].double().cpu()
-        self.heads = heads.to(scores.device)[valid][order].cpu()
+        self.heads = heads[valid][order].cpu()
         self.parent = parent_scores[valid][order].cpu() if parent_scores is not None else None
 
     def _view(self, excluded: torch.Tensor | None):

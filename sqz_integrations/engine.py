@@ -244,9 +244,6 @@ class SqueezedEngine:
         kernel the graph records)."""
         graphs = slot is not None
         cache = None if graphs else DynamicCache()
-        if graphs and read.dyn is None:
-            with self._device_lock.shared():
-                read.dyn = decode_graph.DynamicTokens(slot.key[-1], self.device)
         capture = graphs and self.device.type == "cuda" and slot.step is None
         position, feed = corpus.n_tokens, suffix
         for i in range(max_new_tokens):
@@ -297,12 +294,15 @@ class SqueezedEngine:
         """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read. The key holds
         everything a captured step depends on: the corpus object, the plan's settings (its thresholds and
         retrieval heads follow from them and the corpus's calibration), the corpus's configuration (sources,
-        copy pins) and the size of the dynamic-token buffers (last)."""
+        copy pins) and the size of the dynamic-token buffers."""
+        capacity = decode_graph.capacity_for(tokens)
         key = (id(corpus), plan.kv_budget, plan.question_budget, plan.selection, plan.hierarchical,
-               plan.backend.__name__, corpus.config, decode_graph.capacity_for(tokens))
+               plan.backend.__name__, corpus.config, capacity)
         slot = self._graph_pool.take(corpus.name, key)
-        if slot is None:
-            return decode_graph.GraphSlot(key, CorpusRead(corpus, plan, track_sources=corpus.config.sources))
+        if slot is None:  # a fresh read with its own dynamic-token buffers (the caller holds the device lock)
+            read = CorpusRead(corpus, plan, track_sources=corpus.config.sources)
+            read.dyn = decode_graph.DynamicTokens(capacity, self.device)
+            return decode_graph.GraphSlot(key, read)
         slot.read.reset()
         return slot
 
