@@ -188,6 +188,11 @@ class GraphedCAG:
         return ttft, time.perf_counter() - t0, out_ids
 
 
+def leading_equal(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two answers share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def peak_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
 
@@ -273,9 +278,8 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     # per answer, how many leading tokens agree: a random bf16 model's logits are near ties (initialiser std
     # 0.02), so one rounding difference between the two attention paths can change a greedy token and the
     # answers part there (tests/test_engine_gpu.py checks the engine against transformers with margins)
-    rec["full_budget_equal_leading_tokens"] = [
-        next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), min(len(a["ids"]), len(b["ids"])))
-        for a, b in zip(systems["squeezed@1"], runs)]
+    rec["full_budget_equal_leading_tokens"] = [leading_equal(a["ids"], b["ids"])
+                                               for a, b in zip(systems["squeezed@1"], runs)]
     rec["cag_peak_gb"] = peak_gb(device)
     # the strongest CAG transformers offers: a static cache and (on CUDA) one CUDA graph per decode step, reused
     suffixes = [engine.prompt_ids(q, "bench")[len(corpus_ids):] for q in QUESTIONS]
@@ -290,9 +294,7 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     systems["cag graph (full KV, static cache)"] = graph_runs
     rec["cag_graph_capture_ms"] = 1e3 * cag.capture_seconds if cag.capture_seconds is not None else None
     # the static cache's masked SDPA is another kernel than the dynamic cache's: report where they part
-    rec["cag_graph_equal_leading_tokens"] = [
-        next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
-        for a, b in zip(graph_runs, runs)]
+    rec["cag_graph_equal_leading_tokens"] = [leading_equal(a["ids"], b["ids"]) for a, b in zip(graph_runs, runs)]
     del cag
     rec["systems"] = {name: summarise(r) for name, r in systems.items()}
     return rec
