@@ -49,6 +49,17 @@ class ScoreDistribution:
         self.heads = heads[valid][order].cpu()
         self.parent = parent_scores[valid][order].cpu() if parent_scores is not None else None
 
+    @classmethod
+    def from_sorted(cls, scores: torch.Tensor, weights: torch.Tensor, heads: torch.Tensor,
+                    parent: torch.Tensor | None) -> "ScoreDistribution":
+        """A distribution from the arrays of an earlier one (a saved corpus): already valid and sorted."""
+        n = scores.shape[0]
+        if any(t is not None and (t.ndim != 1 or t.shape[0] != n) for t in (weights, heads, parent)):
+            raise ValueError("a score distribution needs 1-D scores, weights, heads (and parents) of one length")
+        dist = cls.__new__(cls)
+        dist.scores, dist.weights, dist.heads, dist.parent = scores, weights.double(), heads, parent
+        return dist
+
     def _view(self, excluded: torch.Tensor | None):
         """(scores, weights, parents) without the ``excluded`` heads (a bool mask over head ids)."""
         if excluded is None or not bool(excluded.any()):
@@ -182,6 +193,20 @@ class Calibration:
         self._sets = {"decode": decode_sets, "prefill": prefill_sets}
         self._layers = layers
         self._distributions: dict[str, ScoreDistribution] = {}
+
+    @classmethod
+    def from_state(cls, scalars: dict, distributions: dict[str, ScoreDistribution], layers) -> "Calibration":
+        """A calibration rebuilt from its scalars and its two distributions (a saved corpus; ``layers``: the
+        corpus's layers). No query is kept or scored again."""
+        cal = cls.__new__(cls)
+        for key in ("n_layers", "dense_layers", "n_tokens", "kv_heads", "n_always", "n_clustered", "scale", "n_queries"):
+            setattr(cal, key, scalars[key])
+        cal._lock = threading.RLock()
+        cal._cache = {}
+        cal._sets = {}
+        cal._layers = layers[cal.dense_layers :]
+        cal._distributions = {kind: distributions[kind] for kind in ("decode", "prefill")}
+        return cal
 
     def _distribution_of(self, kind: str) -> ScoreDistribution:
         with self._lock:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -21,7 +23,7 @@ from transformers import DynamicCache
 
 from sqz_kernels import get_backend
 
-from . import attention, decode_graph, head_probe
+from . import attention, decode_graph, head_probe, storage
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
@@ -30,6 +32,15 @@ from .prompting import CorpusDocument, Prompt, PromptLayout, as_documents, docum
 from .selection import CorpusRead, QueryRecorder, ReadPlan
 
 logger = logging.getLogger(__name__)
+
+# load_corpus recomputes the keys of a saved corpus's first tokens with the engine's model and compares them
+# (saved_key_differences, relative RMS per layer). Measured: the model that built the corpus 0.0 in every layer (SmolLM2
+# on the CPU in float32 and bfloat16; random Llamas in bf16 / fp16 on the H200, engine_gpu_report_saved_20261130-0840);
+# SmolLM2 with every weight scaled by 1.001 / 1.01 / 1.05: at most 0.003 / 0.04 / 0.16; with 5% noise added: 0.15.
+# The tolerance leaves room for another device's rounding (a GPU-built corpus loaded on a CPU) and refuses another
+# model or weights more than a few percent apart; a close fine-tune of the same model can pass it.
+_KEY_CHECK_TOKENS = 32
+_KEY_CHECK_TOLERANCE = 0.1
 
 
 class SqueezedEngine:
@@ -147,16 +158,7 @@ class SqueezedEngine:
         cfg = config or self.config
         docs = as_documents(documents)
         start = time.perf_counter()
-        header_ids = self.layout.encode(self.layout.header_text)
-        ids, token_doc, spans = list(header_ids), [-1] * len(header_ids), []
-        for i, doc in enumerate(docs):
-            piece = self.layout.encode(document_block(i, doc))
-            spans.append((len(ids), len(ids) + len(piece)))
-            ids += piece
-            # The label line ("[Document 2: x.md]") is a local attention sink that every question
-            # looks at: it belongs to no document's evidence for the sources.
-            n_label = min(len(self.layout.encode(document_label(i, doc))), len(piece))
-            token_doc += [-1] * n_label + [i] * (len(piece) - n_label)
+        header_ids, ids, token_doc, spans = self._corpus_tokens(docs)
         if self.context_window and len(ids) >= self.context_window:
             raise ValueError(
                 f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
@@ -192,6 +194,92 @@ class SqueezedEngine:
         self._graph_pool.drop(name)  # the graphs of a corpus this one replaces
         logger.info("corpus %r: %d tokens, %d clusters per head, built in %.1fs", name, len(ids), corpus.n_clusters, corpus.build_seconds)
         return corpus
+
+    def _corpus_tokens(self, docs: list[CorpusDocument]):
+        """-> (header ids, all ids, the document of every token (-1: template), each document's span)."""
+        header_ids = self.layout.encode(self.layout.header_text)
+        ids, token_doc, spans = list(header_ids), [-1] * len(header_ids), []
+        for i, doc in enumerate(docs):
+            piece = self.layout.encode(document_block(i, doc))
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+            # The label line ("[Document 2: x.md]") is a local attention sink that every question
+            # looks at: it belongs to no document's evidence for the sources.
+            n_label = min(len(self.layout.encode(document_label(i, doc))), len(piece))
+            token_doc += [-1] * n_label + [i] * (len(piece) - n_label)
+        return header_ids, ids, token_doc, spans
+
+    # ------------------------------------------------------------------ saved corpora
+    def save_corpus(self, name: str, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write corpus ``name`` to the folder ``path`` (created), for :meth:`load_corpus` in a later process:
+        its KV, centroids, calibration, documents and statistics (:mod:`~sqz_integrations.storage`). An existing
+        save is replaced only with ``overwrite=True``, and only once the new one is complete. Returns the folder."""
+        corpus = self.get_corpus(name)
+        model = {"model_type": self.model.config.model_type, "num_hidden_layers": len(corpus.layers),
+                 "kv_heads": corpus.layers[0].keys.shape[0], "head_dim": corpus.layers[0].keys.shape[2],
+                 "kv_dtype": str(corpus.layers[0].keys.dtype).removeprefix("torch."), "model_name": self.model_name}
+        with self._device_lock.shared():
+            return storage.save(corpus, path, model, overwrite=overwrite)
+
+    def load_corpus(self, path: str | os.PathLike, *, name: str | None = None, replace: bool = False) -> SqueezedCorpus:
+        """Load a corpus saved by :meth:`save_corpus` onto this engine's device, under its saved name or ``name``.
+
+        The corpus must come from this engine's model: its architecture, tokenizer and chat template must give the
+        same token ids, and the model must compute the saved keys of the corpus's first tokens again (one short
+        forward; a different model or dtype fails it). A loaded corpus answers as the one that was saved."""
+        meta = storage.read_meta(path)
+        name = meta["name"] if name is None else name
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a corpus needs a non-empty string name, got {name!r}")
+        with self._lock:
+            if name in self._corpora and not replace:
+                raise ValueError(f"a corpus named {name!r} exists; pass replace=True or another name=")
+        saved = meta["model"]
+        if (saved["model_type"], saved["num_hidden_layers"]) != (self.model.config.model_type,
+                                                                 self.model.config.num_hidden_layers):
+            raise ValueError(f"{path} was built by a {saved['num_hidden_layers']}-layer {saved['model_type']} model "
+                             f"({saved['model_name']}); this engine runs a {self.model.config.num_hidden_layers}-layer "
+                             f"{self.model.config.model_type} ({self.model_name})")
+        docs = [CorpusDocument(d["text"], d["metadata"]) for d in meta["documents"]]
+        if self.layout.header_text != meta["header_text"] or self._corpus_tokens(docs)[1] != meta["token_ids"]:
+            raise ValueError(f"{path}: this engine's tokenizer or chat template (system prompt included) gives other "
+                             "token ids for the saved documents than the engine that built the corpus")
+        with self._device_lock.shared():
+            corpus = storage.load(path, meta, self.device, name)
+            self._check_saved_keys(corpus, path)
+        with self._lock:
+            if name in self._corpora and not replace:  # added by another thread meanwhile
+                raise ValueError(f"a corpus named {name!r} exists; pass replace=True or another name=")
+            self._corpora[name] = corpus
+        self._graph_pool.drop(name)  # the graphs of a corpus this one replaces
+        return corpus
+
+    @torch.inference_mode()
+    def saved_key_differences(self, corpus: SqueezedCorpus) -> list[float]:
+        """Per layer, how far this model's keys of the corpus's first tokens (up to ``_KEY_CHECK_TOKENS``, one
+        forward) are from the corpus's stored ones: relative RMS difference; 0 for the model that built it."""
+        m = min(_KEY_CHECK_TOKENS, corpus.n_tokens)
+        capture = attention.CorpusCapture(m, window=0)
+        self._prefill(corpus.token_ids[:m], capture, m, False, corpus.name)
+        out = []
+        for l, layer in enumerate(corpus.layers):
+            fresh = capture.keys[l]
+            if fresh.dtype != layer.keys.dtype or fresh.shape[::2] != layer.keys.shape[::2]:
+                raise ValueError(f"corpus {corpus.name!r} stores keys {tuple(layer.keys.shape)} {layer.keys.dtype}; "
+                                 f"this model computes {tuple(fresh.shape)} {fresh.dtype} (load the model in the "
+                                 "dtype the corpus was built with)")
+            stored_at = torch.argsort(layer.key_pos.long(), dim=1)[:, :m]  # where positions 0..m-1 are stored
+            saved = layer.keys.gather(1, stored_at.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])).float()
+            out.append(float((saved - fresh.float()).norm() / fresh.float().norm().clamp_min(1e-12)))
+        return out
+
+    def _check_saved_keys(self, corpus: SqueezedCorpus, path) -> None:
+        diffs = self.saved_key_differences(corpus)
+        worst = max(range(len(diffs)), key=lambda l: diffs[l])
+        if not diffs[worst] <= _KEY_CHECK_TOLERANCE:
+            raise ValueError(f"{path} was built by another model (or other weights): layer {worst}'s keys of the first "
+                             f"tokens differ from this model's by {diffs[worst]:.3f} (relative RMS; the tolerance is "
+                             f"{_KEY_CHECK_TOLERANCE})")
 
     @torch.inference_mode()
     def _prefill(self, ids: list[int], capture: attention.CorpusCapture, chunk: int, progress: bool, name: str) -> None:

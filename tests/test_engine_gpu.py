@@ -499,3 +499,26 @@ def test_cuda_graph_answers_from_two_threads(world):
         together = list(pool.map(run, jobs))
     assert e.cuda_graph_error is None
     assert together == alone + alone
+
+
+def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
+    """A corpus built on the GPU, saved and loaded back (under another name, into the same engine), answers as the
+    original through the Triton kernels and the graphs, flat and hierarchical, fp8 centroids too. The model check of
+    ``load_corpus`` recomputes the first tokens' keys in a forward of its own shape: the differences it measures here
+    are the ones its tolerance has to allow."""
+    e = world.engine
+    for corpus in (world.hier, world.fp8):
+        diffs = e.saved_key_differences(e.get_corpus(corpus))
+        path = e.save_corpus(corpus, tmp_path / corpus)
+        loaded = e.load_corpus(path, name=f"{corpus}-loaded")
+        try:
+            assert loaded.layers[0].keys.device.type == "cuda"
+            for hier in (False, True):
+                a = e.answer(QUESTION, corpus, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier)
+                b = e.answer(QUESTION, loaded.name, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier)
+                assert a.token_ids == b.token_ids
+                assert a.kept_fraction == pytest.approx(b.kept_fraction, rel=1e-9)
+        finally:
+            e.remove_corpus(loaded.name)
+        _report(world=world.name, check="saved_corpus", corpus=corpus, key_diff_max=max(diffs),
+                key_diff_per_layer=diffs, centroid_dtype=str(loaded.layers[0].centroids.dtype))
