@@ -13,7 +13,9 @@ Tool calling and structured output are not supported (the engine generates free 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 try:
@@ -235,6 +237,26 @@ class ChatSqueezed(BaseChatModel):
             raise ValueError("from_documents needs at least one document.")
         engine.add_corpus(corpus, docs, progress=progress, replace=replace)
         return cls(engine=engine, corpus=corpus, **kwargs)
+
+    def save_local(self, folder_path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the corpus for `load_local` in a later process (`engine.save_corpus`), as a vector
+        store's `save_local` does; the generation settings are not saved."""
+        return self.engine.save_corpus(self.corpus, folder_path, overwrite=overwrite)
+
+    @classmethod
+    def load_local(
+        cls,
+        folder_path: str | os.PathLike,
+        *,
+        engine: SqueezedEngine,
+        corpus: str | None = None,
+        replace: bool = False,
+        **kwargs: Any,
+    ) -> ChatSqueezed:
+        """Load a corpus saved by `save_local` (or `engine.save_corpus`) into `engine`, under its saved
+        name or `corpus`, and bind a model to it: no prefill, no clustering. `kwargs` go to `ChatSqueezed`."""
+        loaded = engine.load_corpus(folder_path, name=corpus, replace=replace)
+        return cls(engine=engine, corpus=loaded.name, **kwargs)
 
     @staticmethod
     def _to_corpus_document(doc: Document | str) -> CorpusDocument:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 try:
@@ -572,6 +574,18 @@ class SqueezedIndex:
                 return cls(engine, corpus)
         engine.add_corpus(corpus, docs, progress=show_progress, replace=replace)
         return cls(engine, corpus)
+
+    def persist(self, persist_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the corpus to `persist_dir` (`engine.save_corpus`) for `from_persist_dir` in a later process."""
+        return self.engine.save_corpus(self.corpus, persist_dir, overwrite=overwrite)
+
+    @classmethod
+    def from_persist_dir(
+        cls, persist_dir: str | os.PathLike, *, engine: SqueezedEngine, corpus: str | None = None, replace: bool = False
+    ) -> SqueezedIndex:
+        """The index of a corpus saved by `persist`, loaded into `engine` under its saved name or `corpus` (no
+        prefill, no clustering)."""
+        return cls(engine, engine.load_corpus(persist_dir, name=corpus, replace=replace).name)
 
     @property
     def nodes(self) -> list[TextNode]:

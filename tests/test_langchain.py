@@ -328,3 +328,18 @@ def test_rag_chain_and_retriever_free_chain(smol_engine, llm, lc_docs, reference
     assert isinstance(rag_answer, str) and rag_answer.strip()
     assert squeezed_answer == reference(PLANTED_QUESTION).text and squeezed_answer.strip()
     assert "".join(app.stream(PLANTED_QUESTION)) == squeezed_answer
+
+
+def test_save_local_and_load_local_round_trip(smol_engine, llm, reference, tmp_path):
+    folder = llm.save_local(tmp_path / "kb")
+    loaded = ChatSqueezed.load_local(folder, engine=smol_engine, corpus="lc-kb-loaded", max_new_tokens=N)
+    assert loaded.corpus == "lc-kb-loaded"
+    try:
+        msg = loaded.invoke(QUESTION)
+        assert msg.content == reference(QUESTION).text
+        assert [s["document_index"] for s in msg.response_metadata["sources"]] == \
+            [s["document_index"] for s in llm.invoke(QUESTION).response_metadata["sources"]]
+        with pytest.raises(ValueError, match="replace=True"):
+            ChatSqueezed.load_local(folder, engine=smol_engine, corpus="lc-kb-loaded")
+    finally:
+        smol_engine.remove_corpus("lc-kb-loaded")

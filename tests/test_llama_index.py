@@ -234,3 +234,17 @@ def test_planted_fact_document_ranks_first(index, li_docs):
     top = response.source_nodes[0]
     assert top.node.node_id == li_docs[PLANTED_INDEX].doc_id, [(n.node.node_id, n.score) for n in response.source_nodes]
     assert top.node.metadata["source"] == knowledge_base()[PLANTED_INDEX][0]
+
+
+def test_persist_and_load_from_persist_dir(index, smol_engine, reference, tmp_path):
+    index.persist(tmp_path / "index")
+    loaded = SqueezedIndex.from_persist_dir(tmp_path / "index", engine=smol_engine, corpus="li-loaded")
+    try:
+        assert loaded.corpus == "li-loaded"
+        assert [(n.node_id, n.text, n.metadata) for n in loaded.nodes] == \
+            [(n.node_id, n.text, n.metadata) for n in index.nodes]
+        response = loaded.as_query_engine(max_new_tokens=N).query(QUESTION)
+        assert response.response == reference(QUESTION).text
+        assert {n.node.node_id for n in response.source_nodes} <= {n.node_id for n in index.nodes}
+    finally:
+        smol_engine.remove_corpus("li-loaded")
