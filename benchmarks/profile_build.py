@@ -1,9 +1,11 @@
 """Where a GPU corpus build's time goes: ``add_corpus`` of bench_engine's random Llama, each phase timed with a
 device sync (prefill, K-means per layer, calibration's distributions, the probe question, the head probe).
 
-    python benchmarks/profile_build.py [--tokens 32768 131072] [--repeat 2] [--kmeans-dtype float32]
+    python benchmarks/profile_build.py [--tokens 32768 131072] [--repeat 2] [--kmeans-dtype float32] [--save DIR]
 
-Every size is built ``--repeat`` times in one process: the first build also compiles and warms kernels.
+Every size is built ``--repeat`` times in one process: the first build also compiles and warms kernels. With
+``--save``, each size's corpus is then saved under DIR and loaded back (``engine.save_corpus`` / ``load_corpus``),
+both timed, and the loaded corpus's first answer compared with the built one's.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--kmeans-dtype", default=None, choices=[None, "float32", "bfloat16"])
+    ap.add_argument("--save", type=Path, default=None, help="save and load each corpus under this folder, timed")
     args = ap.parse_args()
     totals: dict = collections.defaultdict(float)
     if args.kmeans_dtype:
@@ -70,6 +73,25 @@ def main() -> None:
             total = time.perf_counter() - t0
             parts = ", ".join(f"{k} {v:.2f}" for k, v in totals.items())
             print(f"{n} tokens, build {rep + 1}: {total:.2f} s ({parts})", flush=True)
+        if args.save:
+            save_and_load(engine, args.save / f"bench-{n}", n)
+
+
+def save_and_load(engine: SqueezedEngine, path: Path, n: int) -> None:
+    question = "What does the first document say?"
+    built = engine.answer(question, "bench", max_new_tokens=16)
+    t0 = time.perf_counter()
+    engine.save_corpus("bench", path, overwrite=True)
+    saved_s = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in path.iterdir())
+    t0 = time.perf_counter()
+    engine.load_corpus(path, name="bench-loaded", replace=True)
+    torch.cuda.synchronize()
+    loaded_s = time.perf_counter() - t0
+    again = engine.answer(question, "bench-loaded", max_new_tokens=16)
+    engine.remove_corpus("bench-loaded")
+    print(f"{n} tokens: saved {size / 1e9:.2f} GB in {saved_s:.2f} s, loaded in {loaded_s:.2f} s; "
+          f"the loaded corpus answers the same tokens: {again.token_ids == built.token_ids}", flush=True)
 
 
 if __name__ == "__main__":
