@@ -38,6 +38,8 @@ VERSION = 1
 META_FILE = "corpus.json"
 CALIBRATION_FILE = "calibration.safetensors"
 _DISTRIBUTIONS = ("decode", "prefill")
+_META_KEYS = ("model", "name", "documents", "token_ids", "doc_spans", "header_text", "config", "build_seconds", "reads",
+              "layers", "calibration")
 
 
 def layer_file(i: int) -> str:
@@ -57,6 +59,7 @@ def save(corpus: SqueezedCorpus, path: str | os.PathLike, model: dict, overwrite
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's folder is private (0700); the saved folder is an ordinary one
         for i, layer in enumerate(corpus.layers):
             save_file({k: v.detach().contiguous().cpu() for k, v in layer.tensors().items()}, str(tmp / layer_file(i)))
         save_file(_calibration_tensors(corpus), str(tmp / CALIBRATION_FILE))
@@ -64,8 +67,13 @@ def save(corpus: SqueezedCorpus, path: str | os.PathLike, model: dict, overwrite
         if target.exists():  # the old save goes only after the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / target.name, target)  # the previous save back in its place
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
@@ -90,6 +98,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     if meta.get("version") != VERSION:
         raise ValueError(f"{folder} was saved in format version {meta.get('version')}; this sqz-integrations reads "
                          f"version {VERSION}")
+    missing = [key for key in _META_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)}: the save is damaged")
     return meta
 
 

@@ -121,6 +121,9 @@ def test_load_reports_a_damaged_or_foreign_save(saved, make_tiny_engine, tmp_pat
     (path / storage.META_FILE).write_text(json.dumps({**meta, "version": storage.VERSION + 1}))
     with pytest.raises(ValueError, match="format version"):
         engine.load_corpus(path)
+    (path / storage.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "calibration"}))
+    with pytest.raises(ValueError, match="lacks calibration"):
+        engine.load_corpus(path)
     (path / storage.META_FILE).write_text(json.dumps(meta))
     layer = path / storage.layer_file(1)
     data = layer.read_bytes()
