@@ -235,13 +235,17 @@ class GraphPool:
             slots.append(slot)
             del slots[:-self.per_corpus]
 
-    def drop(self, corpus: str) -> None:
+    def drop(self, corpus: str) -> int:
+        """Forget one corpus's free slots; -> how many."""
         with self._lock:
-            self._free.pop(corpus, None)
+            return len(self._free.pop(corpus, []))
 
-    def clear(self) -> None:
+    def clear(self) -> int:
+        """Forget every free slot; -> how many."""
         with self._lock:
+            n = sum(map(len, self._free.values()))
             self._free.clear()
+            return n
 
     def __len__(self) -> int:
         with self._lock:

@@ -136,6 +136,15 @@ class SqueezedEngine:
             del self._corpora[name]
         self._graph_pool.drop(name)
 
+    def release_graphs(self, corpus: str | None = None) -> int:
+        """Drop the pooled CUDA-graph decode steps of ``corpus`` (all corpora: ``None``) and return how many. Each
+        holds its read's dynamic-token buffers and its graph's private memory; they go back to PyTorch's caching
+        allocator (``torch.cuda.empty_cache()`` then returns them to the device). Later answers capture again."""
+        if corpus is None:
+            return self._graph_pool.clear()
+        self.get_corpus(corpus)  # KeyError naming the loaded corpora
+        return self._graph_pool.drop(corpus)
+
     def add_corpus(
         self,
         name: str,

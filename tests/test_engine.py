@@ -422,6 +422,15 @@ def test_pooled_read_answers_like_a_fresh_one(make_tiny_engine, monkeypatch):
     assert len(engine._graph_pool) == 0
     engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
     assert len(reads) == 2
+    engine.add_corpus("other", DOCS[:2], progress=False)
+    engine.answer(QUESTION, corpus="other", max_new_tokens=10)
+    assert len(engine._graph_pool) == 2
+    with pytest.raises(KeyError, match="no corpus named"):
+        engine.release_graphs("missing")
+    assert engine.release_graphs("other") == 1 and len(engine._graph_pool) == 1  # "docs" keeps its slot
+    assert engine.release_graphs() == 1 and len(engine._graph_pool) == 0
+    engine.answer(QUESTION, corpus="docs", max_new_tokens=10)
+    assert len(reads) == 2  # a fresh read: nothing left to take
 
 
 def test_dynamic_tokens_refuse_overflow():
