@@ -454,6 +454,7 @@ def test_cuda_graph_decode_matches_eager(world, monkeypatch):
     monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
     monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
     assert e.cuda_graph_error is None  # no capture of the earlier tests failed either
+    answered = {}
     for corpus, hier in ((world.flat, False), (world.hier, True)):
         c = e.get_corpus(corpus)
         built = c.config
@@ -467,6 +468,7 @@ def test_cuda_graph_decode_matches_eager(world, monkeypatch):
                 eager = e.answer(question, corpus, max_new_tokens=16, kv_budget=BUDGET, hierarchical=hier)
             finally:
                 c.config = built
+            answered[(corpus, question)] = graphed.token_ids
             _report(world=world.name, check="cuda_graph_decode", corpus=corpus, pooled=n > 0, replays=n_replays,
                     tokens=len(graphed.token_ids), graphed_s=graphed.total_time, eager_s=eager.total_time,
                     equal=graphed.token_ids == eager.token_ids)
@@ -480,6 +482,11 @@ def test_cuda_graph_decode_matches_eager(world, monkeypatch):
             assert [s.document_index for s in graphed.sources] == [s.document_index for s in eager.sources]
             for a, b in zip(graphed.sources, eager.sources):
                 assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-6)
+    # emptied, the pool holds nothing and the next answer captures again
+    assert e.release_graphs() >= 1 and len(e._graph_pool) == 0
+    captures[0] = 0
+    again = e.answer(QUESTION, world.flat, max_new_tokens=16, kv_budget=BUDGET)
+    assert captures[0] == 1 and again.token_ids == answered[(world.flat, QUESTION)]
 
 
 def test_cuda_graph_answers_from_two_threads(world):
