@@ -122,6 +122,29 @@ Settings.llm = index.as_llm(max_new_tokens=24)
 print(Settings.llm.metadata)
 print(Settings.llm.chat([ChatMessage(role="user", content=FACTS[2][2])]).message.content)
 """),
+    md("""
+## Persist the squeezed corpus, load it in a later session
+
+`index.persist(dir)` writes the corpus (KV, centroids, calibration, documents) to a folder;
+`SqueezedIndex.from_persist_dir(dir, engine=engine)` loads it with no prefill and no clustering. The load
+checks that this engine's model and tokenizer are the ones that built it. Here it is loaded under
+another name into the same engine, standing in for a new process.
+"""),
+    code("""
+import tempfile
+from pathlib import Path
+
+persist_dir = Path(tempfile.mkdtemp()) / "pg-essays"
+start = time.perf_counter()
+index.persist(persist_dir)
+print(f"saved in {time.perf_counter() - start:.2f} s: {sorted(p.name for p in persist_dir.iterdir())[:3]} ...")
+start = time.perf_counter()
+reloaded = SqueezedIndex.from_persist_dir(persist_dir, engine=engine, corpus="pg-essays-reloaded")
+print(f"loaded in {time.perf_counter() - start:.2f} s (built in {stats['build_seconds']:.1f} s)")
+again = reloaded.as_query_engine(max_new_tokens=24).query(question)
+print("A:", again)
+assert again.response == index.as_query_engine(max_new_tokens=24).query(question).response
+"""),
 ]
 
 # -- (b) LangChain: a RAG chain made retriever-free --------------------------------------------
