@@ -194,12 +194,18 @@ class Calibration:
         self._layers = layers
         self._distributions: dict[str, ScoreDistribution] = {}
 
+    # what, besides its two distributions, a saved calibration holds (storage.py)
+    SCALARS = ("n_layers", "dense_layers", "n_tokens", "kv_heads", "n_always", "n_clustered", "scale", "n_queries")
+
+    def scalars(self) -> dict:
+        return {key: getattr(self, key) for key in self.SCALARS}
+
     @classmethod
     def from_state(cls, scalars: dict, distributions: dict[str, ScoreDistribution], layers) -> "Calibration":
-        """A calibration rebuilt from its scalars and its two distributions (a saved corpus; ``layers``: the
+        """A calibration rebuilt from its :meth:`scalars` and its two distributions (a saved corpus; ``layers``: the
         corpus's layers). No query is kept or scored again."""
         cal = cls.__new__(cls)
-        for key in ("n_layers", "dense_layers", "n_tokens", "kv_heads", "n_always", "n_clustered", "scale", "n_queries"):
+        for key in cls.SCALARS:
             setattr(cal, key, scalars[key])
         cal._lock = threading.RLock()
         cal._cache = {}

@@ -63,7 +63,7 @@ class SqueezedEngine:
         # transformers 5.24 renamed the cache argument; older releases call it past_key_values.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._corpora: dict[str, SqueezedCorpus] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: load_corpus checks a name while holding it
         self._eos_ids = self._end_of_turn_ids()
         # why the last CUDA-graph capture failed (answers then decode eagerly; logged once)
         self.cuda_graph_error: str | None = None
@@ -145,6 +145,14 @@ class SqueezedEngine:
         self.get_corpus(corpus)  # KeyError naming the loaded corpora
         return self._graph_pool.drop(corpus)
 
+    def _check_name(self, name, replace: bool) -> None:
+        """A corpus name must be a non-empty string, and not taken unless ``replace``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a corpus needs a non-empty string name, got {name!r}")
+        with self._lock:
+            if name in self._corpora and not replace:
+                raise ValueError(f"a corpus named {name!r} exists; pass replace=True to replace it, or another name")
+
     def add_corpus(
         self,
         name: str,
@@ -159,11 +167,7 @@ class SqueezedEngine:
         ``config`` overrides the engine's for this corpus (e.g. ``hierarchical=True``). An existing
         corpus of the same name is kept unless ``replace=True``.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a corpus needs a non-empty string name, got {name!r}")
-        with self._lock:
-            if name in self._corpora and not replace:
-                raise ValueError(f"a corpus named {name!r} exists; pass replace=True to rebuild it")
+        self._check_name(name, replace)
         cfg = config or self.config
         docs = as_documents(documents)
         start = time.perf_counter()
@@ -238,27 +242,22 @@ class SqueezedEngine:
         forward; a different model or dtype fails it). A loaded corpus answers as the one that was saved."""
         meta = storage.read_meta(path)
         name = meta["name"] if name is None else name
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a corpus needs a non-empty string name, got {name!r}")
-        with self._lock:
-            if name in self._corpora and not replace:
-                raise ValueError(f"a corpus named {name!r} exists; pass replace=True or another name=")
+        self._check_name(name, replace)  # before any tensor is read; again below, under the same lock as the insert
         saved = meta["model"]
         if (saved["model_type"], saved["num_hidden_layers"]) != (self.model.config.model_type,
                                                                  self.model.config.num_hidden_layers):
             raise ValueError(f"{path} was built by a {saved['num_hidden_layers']}-layer {saved['model_type']} model "
                              f"({saved['model_name']}); this engine runs a {self.model.config.num_hidden_layers}-layer "
                              f"{self.model.config.model_type} ({self.model_name})")
-        docs = [CorpusDocument(d["text"], d["metadata"]) for d in meta["documents"]]
-        if self.layout.header_text != meta["header_text"] or self._corpus_tokens(docs)[1] != meta["token_ids"]:
+        if (self.layout.header_text != meta["header_text"]
+                or self._corpus_tokens(storage.documents(meta))[1] != meta["token_ids"]):
             raise ValueError(f"{path}: this engine's tokenizer or chat template (system prompt included) gives other "
                              "token ids for the saved documents than the engine that built the corpus")
         with self._device_lock.shared():
             corpus = storage.load(path, meta, self.device, name)
             self._check_saved_keys(corpus, path)
         with self._lock:
-            if name in self._corpora and not replace:  # added by another thread meanwhile
-                raise ValueError(f"a corpus named {name!r} exists; pass replace=True or another name=")
+            self._check_name(name, replace)  # another thread may have added one meanwhile
             self._corpora[name] = corpus
         self._graph_pool.drop(name)  # the graphs of a corpus this one replaces
         return corpus

@@ -104,6 +104,11 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def documents(meta: dict) -> list[CorpusDocument]:
+    """The saved documents of a :func:`read_meta`."""
+    return [CorpusDocument(d["text"], d["metadata"]) for d in meta["documents"]]
+
+
 def load(path: str | os.PathLike, meta: dict, device: torch.device, name: str) -> SqueezedCorpus:
     """The corpus saved at ``path`` (``meta``: its :func:`read_meta`), its tensors on ``device``, named ``name``."""
     folder = Path(path).expanduser()
@@ -121,7 +126,7 @@ def load(path: str | os.PathLike, meta: dict, device: torch.device, name: str) -
     extra = _read(folder / CALIBRATION_FILE, torch.device("cpu"))
     corpus = SqueezedCorpus(
         name=name,
-        documents=[CorpusDocument(d["text"], d["metadata"]) for d in meta["documents"]],
+        documents=documents(meta),
         token_ids=list(meta["token_ids"]),
         doc_spans=[tuple(s) for s in meta["doc_spans"]],
         header_text=meta["header_text"],
@@ -146,7 +151,6 @@ def _meta(corpus: SqueezedCorpus, model: dict) -> dict:
             raise TypeError(f"document {i}'s metadata cannot be saved as JSON ({e}); give it str/number/list/dict "
                             "values") from e
         documents.append({"text": doc.text, "metadata": doc.metadata})
-    cal = corpus.calibration
     with corpus.reads.lock:
         reads = {"kept": list(corpus.reads.kept), "reads": list(corpus.reads.reads)}
     from . import __version__
@@ -165,11 +169,7 @@ def _meta(corpus: SqueezedCorpus, model: dict) -> dict:
         "build_seconds": corpus.build_seconds,
         "reads": reads,
         "layers": [layer.n_always for layer in corpus.layers],
-        "calibration": {
-            "n_layers": cal.n_layers, "dense_layers": cal.dense_layers, "n_tokens": cal.n_tokens,
-            "kv_heads": cal.kv_heads, "n_always": cal.n_always, "n_clustered": cal.n_clustered, "scale": cal.scale,
-            "n_queries": cal.n_queries,
-        },
+        "calibration": corpus.calibration.scalars(),
     }
 
 
