@@ -308,8 +308,17 @@ def _dynamic_logits(qs: torch.Tensor, dyn_k: torch.Tensor, scale: float, t0: int
     on the dynamic keys, causal (-inf on the keys after each token, and so on any slot past ``dyn_len``)."""
     m = dyn_k.shape[2]
     sd = torch.matmul(qs, dyn_k.to(qs.dtype).transpose(-1, -2).unsqueeze(2)).float() * scale
-    pos = torch.arange(t0, t0 + qs.shape[3], device=qs.device) + ((m if dyn_len is None else dyn_len) - t)
-    return sd.masked_fill(torch.arange(m, device=qs.device)[None, :] > pos[:, None], float("-inf"))
+    return sd.masked_fill(~_causal_mask(m, t, t0, qs.shape[3], dyn_len, qs.device), float("-inf"))
+
+
+def _causal_mask(m: int, t: int, t0: int, t1: int, dyn_len: torch.Tensor | None, device) -> torch.Tensor:
+    """Which of ``m`` dynamic slots query tokens ``t0 : t0 + t1`` (of ``t``, the last ones of the valid slots)
+    see: ``(T', M)`` bool, or ``(B, 1, 1, T', M)`` for a per-row ``dyn_len`` ``(B,)``."""
+    valid = m if dyn_len is None else dyn_len
+    if isinstance(valid, torch.Tensor) and valid.dim() == 1:
+        valid = valid.view(-1, 1, 1, 1)
+    pos = torch.arange(t0, t0 + t1, device=device) + (valid - t)  # (T',) or (B, 1, 1, T')
+    return torch.arange(m, device=device) <= pos.unsqueeze(-1)
 
 
 def dynamic_lse(q: torch.Tensor, dyn_keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -444,15 +453,13 @@ def causal_attention(
     the last ``tokens`` positions of those ``m`` (query ``i`` sees keys ``0 .. m - tokens + i``).
     ``dyn_len``: a 0-d integer tensor, the number of valid keys when ``keys`` is a larger preallocated buffer
     (a CUDA-graph decode step reads its length on the device); the queries are then the last ``tokens`` of
-    those, and the slots after them are never read. Returns ``out (batch, heads, tokens, head_dim)`` and
+    those, and the slots after them are never read. A ``(batch,)`` one gives each row its own count (a batch of
+    answers whose questions differ in length). Returns ``out (batch, heads, tokens, head_dim)`` and
     ``lse (batch, heads, tokens)``, float32.
     """
     b, h, t, d = q.shape
-    m = keys.shape[2]
     qg = _group_queries(q, keys.shape[1])
-    qpos = torch.arange(m - t, m, device=q.device) if dyn_len is None else torch.arange(t, device=q.device) + (dyn_len - t)
-    causal = torch.arange(m, device=q.device)[None, :] <= qpos[:, None]  # T, M
-    out, lse = _masked_attention(qg, keys, values, causal, scale)
+    out, lse = _masked_attention(qg, keys, values, _causal_mask(keys.shape[2], t, 0, t, dyn_len, q.device), scale)
     return out.reshape(b, h, t, d), lse.reshape(b, h, t)
 
 

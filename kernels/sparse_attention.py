@@ -52,7 +52,7 @@ def _attn_kernel(
     stride_kh, stride_kn, stride_vh, stride_vn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_ob, stride_oh, stride_ot,
-    n_keys, n_clusters, stride_off, idx_cap, m_dyn,
+    n_keys, n_clusters, stride_off, idx_cap, m_dyn, stride_dlen,
     KVH, G, T, ROWS, n_split_c, n_split_total,
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,8 +74,9 @@ def _attn_kernel(
         # only the launch and the index arithmetic above overlap its tail
         tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr, mask=rmask[:, None], other=0.0)
-    if HAS_DLEN:  # the dynamic keys are the first DLEN slots of a preallocated buffer (CUDA-graph decode)
-        m_dyn = tl.load(DLEN).to(tl.int32)
+    if HAS_DLEN:  # the dynamic keys are the first DLEN slots of a preallocated buffer (CUDA-graph decode), one
+        # count for every batch row (stride 0) or each row its own (a batch of answers)
+        m_dyn = tl.load(DLEN + b * stride_dlen).to(tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -195,9 +196,13 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_dyn_len(dyn_len: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    if dyn_len is not None and (dyn_len.numel() != 1 or dyn_len.dtype.is_floating_point or dyn_len.device != q.device):
-        raise ValueError(f"dyn_len must be a one-element integer tensor on {q.device}, got {dyn_len.dtype} "
-                         f"{tuple(dyn_len.shape)} on {dyn_len.device}")
+    """One count for every row (one element) or one per row (``(batch,)``), integers on ``q``'s device."""
+    if dyn_len is not None and (
+        not (dyn_len.numel() == 1 or tuple(dyn_len.shape) == (q.shape[0],))
+        or dyn_len.dtype.is_floating_point or dyn_len.dtype == torch.bool or dyn_len.device != q.device
+    ):
+        raise ValueError(f"dyn_len must be an integer tensor on {q.device} with one element or one per batch row "
+                         f"({q.shape[0]}), got {dyn_len.dtype} {tuple(dyn_len.shape)} on {dyn_len.device}")
     return dyn_len
 
 
@@ -307,6 +312,7 @@ def _attention(q, scale, out_dtype, write_lse, cfg: AttentionConfig | None,
         *k_strides, *d_strides,
         out.stride(0), out.stride(1), out.stride(2),
         n_keys, n_clusters, stride_off, idx_cap, m_dyn,
+        0 if dyn_len is None or dyn_len.numel() == 1 else dyn_len.stride(0),
         kvh, g, t, rows, n_split_c, n_split_total,
         scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -113,6 +113,12 @@ _case("squeezed-decode-split-dyn-len", kind="squeezed", b=2, kvh=2, g=4, t=1, d=
       dtype="float16", splits=3, dyn_pad=40)
 _case("squeezed-prefill-dyn-len", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4, m=19,
       dtype="float32", dyn_pad=13)
+# each batch row with its own count of valid dynamic keys (dyn_len of shape (batch,): a batch of answers whose
+# questions differ in length); every row must equal the run on its own valid keys alone
+_case("causal-decode-row-lens", kind="causal", b=3, kvh=2, g=4, t=1, m=77, d=64, dtype="float16", dyn_pad=19,
+      row_lens=True)
+_case("squeezed-decode-split-row-lens", kind="squeezed", b=3, kvh=2, g=4, t=1, d=64, c=23, n=301, tail=6, m=35,
+      dtype="float16", splits=3, dyn_pad=21, row_lens=True)
 _case("squeezed-decode-split", kind="squeezed", b=2, kvh=2, g=4, t=1, d=64, c=23, n=301, tail=6, m=35,
       dtype="float16", splits=3)
 _case("squeezed-prefill", kind="squeezed", b=1, kvh=2, g=3, t=19, d=64, c=21, n=251, tail=4, m=19,
@@ -254,6 +260,33 @@ def _padded_dynamic(dk, dv, pad, gen):
 
     n_valid = torch.tensor(m, device=dk.device)
     return torch.cat([dk, junk(dk)], 2), torch.cat([dv, junk(dv)], 2), n_valid
+
+
+def _row_padded_dynamic(dk, dv, pad, gen):
+    """Like :func:`_padded_dynamic`, but row ``b`` keeps only its first ``m - 7 b`` keys (the rest of its buffer
+    garbage too): ``(keys, values, counts)`` with ``counts`` ``(batch,)`` on the device."""
+    import torch
+
+    b, kvh, m, d = dk.shape
+    counts = torch.tensor([m - 7 * i for i in range(b)], device=dk.device)
+    slot = torch.arange(m + pad, device=dk.device)
+    garbage = slot[None, None, :, None] >= counts[:, None, None, None]
+
+    def fill(x):
+        buf = torch.cat([x, torch.zeros(b, kvh, pad, d, dtype=x.dtype, device=x.device)], 2)
+        junk = (30 * torch.randn(buf.shape, generator=gen)).to(x.dtype).to(x.device)
+        return torch.where(garbage, junk, buf)
+
+    return fill(dk), fill(dv), counts
+
+
+def _rows_alone(name, got, want_row, counts, atol, rtol):
+    """Each row of ``got`` against ``want_row(b, m_b)``, the same computation on that row's valid keys alone."""
+    for i, m_i in enumerate(counts.tolist()):
+        msg = _report(f"{name} row {i} ({m_i} keys)", got[i:i + 1], want_row(i, m_i), atol, rtol)
+        if msg:
+            return msg
+    return None
 
 
 def _queries(b, h, t, d, dtype, device, gen):
@@ -569,6 +602,14 @@ def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | Non
         m = p["m"]
         dk = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
         dv = torch.randn(b, kvh, m, d, generator=gen).to(getattr(torch, dtype)).to(device)
+        if p.get("row_lens"):
+            pk, pv, counts = _row_padded_dynamic(dk, dv, p["dyn_pad"], gen)
+            for twin, mod in (("triton", tri), ("torch", ref)):
+                po, _ = mod.causal_attention(q, pk, pv, scale, dyn_len=counts)
+                msg = _rows_alone(f"{name} {twin}", po, lambda i, m_i: ref.causal_attention(
+                    q[i:i + 1], dk[i:i + 1, :, :m_i], dv[i:i + 1, :, :m_i], scale)[0], counts, atol, rtol)
+                if msg:
+                    return msg
         go, gl = tri.causal_attention(q, dk, dv, scale)
         wo, wl = ref.causal_attention(q, dk, dv, scale)
         msg = _report(name, go, wo, atol, rtol) or _report(f"{name} lse", gl, wl, atol, rtol)
@@ -620,7 +661,16 @@ def _run_case(name: str, device: str, dtype: str | None, seed: int) -> str | Non
     msg = _report(name, got, want, atol, rtol)
     if msg:
         return msg
-    if p.get("dyn_pad"):
+    if p.get("row_lens"):
+        pk, pv, counts = _row_padded_dynamic(dk, dv, p["dyn_pad"], gen)
+        for twin, mod in (("triton", tri), ("torch", ref)):
+            out = mod.squeezed_attention(q, keys, values, offs, sel, pk, pv, scale, dyn_len=counts)
+            msg = _rows_alone(f"{name} {twin}", out, lambda i, m_i: ref.squeezed_attention(
+                q[i:i + 1], keys, values, offs, sel[i:i + 1], dk[i:i + 1, :, :m_i], dv[i:i + 1, :, :m_i], scale),
+                counts, atol, rtol)
+            if msg:
+                return msg
+    elif p.get("dyn_pad"):
         pk, pv, n_valid = _padded_dynamic(dk, dv, p["dyn_pad"], gen)
         for twin, out in (("triton", tri.squeezed_attention(q, keys, values, offs, sel, pk, pv, scale, config=cfg,
                                                             dyn_len=n_valid)),
