@@ -152,12 +152,13 @@ class GraphedStep:
     ones (kept keys, source mass) are recorded kernels and replay by themselves.
     """
 
-    def __init__(self, model, read, store: DynamicTokens, cache_arg: str, lock: DeviceLock):
-        dev = store._start.device
+    def __init__(self, model, read, store, cache_arg: str, lock: DeviceLock, batch: int = 1):
+        dev = store._valid.device
         self.lock = lock
         self.read, self.store = read, store
-        self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.position_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.batch = batch
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         before = read.host_counters()
         store.on_device = True
         try:
@@ -165,10 +166,11 @@ class GraphedStep:
             # thread_local: only this thread's own unsafe calls are checked; DeviceLock keeps the engine's other
             # threads off the device meanwhile
             with lock.exclusive(CAPTURE_WAIT_S), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.logits = model(
+                logits = model(
                     input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
                     squeeze=read, logits_to_keep=1, **{cache_arg: None},
-                ).logits[0]
+                ).logits
+                self.logits = logits[0] if batch == 1 else logits[:, -1]
         finally:
             after = read.host_counters()
             read.set_host_counters(before)
@@ -176,10 +178,15 @@ class GraphedStep:
             [a - b for a, b in zip(x1, x0)] if isinstance(x1, list) else x1 - x0 for x0, x1 in zip(before, after)
         )
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
-        """Logits ``(1, vocab)`` of ``token`` at ``position`` (valid until the next call)."""
-        self.input_ids.fill_(token)
-        self.position_ids.fill_(position)
+    def __call__(self, token: int | list[int], position: int | list[int]) -> torch.Tensor:
+        """Logits ``(1, vocab)`` of ``token`` at ``position`` (valid until the next call); for a batch, lists of one
+        token and position per row and logits ``(batch, vocab)``."""
+        if self.batch == 1:
+            self.input_ids.fill_(token)
+            self.position_ids.fill_(position)
+        else:
+            self.input_ids.copy_(torch.tensor(token).view(-1, 1))
+            self.position_ids.copy_(torch.tensor(position).view(-1, 1))
         self.store.begin(1, on_device=True)
         with self.lock.shared():
             self.graph.replay()

@@ -70,6 +70,11 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     return reference.select_clusters(pin_share[None], log_sizes, budget_keys=cap_keys)[0] & pinned
 
 
+def _rows(pins: torch.Tensor) -> torch.Tensor:
+    """Pins as ``(batch | 1, KVH, C)``: one set for every row gets a batch dimension of 1."""
+    return pins[None] if pins.dim() == 2 else pins
+
+
 @dataclass(frozen=True)
 class ReadPlan:
     """Everything about how one call reads a corpus, decided once before its first token.
@@ -196,8 +201,8 @@ class CorpusRead:
             dense_heads = plan.dense_heads[kind][layer_idx]
         if dense:  # no lookup at all: every cluster, and one work list for the whole call
             return (None, *self._read_all(layer_idx, q.shape[0]))
-        pins = self.pins.get(layer_idx) if kind == 0 else None
-        if plan.fused and dense_heads is None and plan.selection == "threshold":
+        pins = self._step_pins(layer_idx) if kind == 0 else None
+        if plan.fused and dense_heads is None and plan.selection == "threshold" and (pins is None or pins.dim() == 2):
             # Triton: lookup + threshold (+ the pins) + work list in one entry point (2-3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
@@ -221,14 +226,35 @@ class CorpusRead:
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
         else:
             # fixed mode holds its budget: pinned clusters rank first and are read inside it
-            ranked = scores if pins is None else scores.masked_fill(pins[None], torch.finfo(scores.dtype).max)
+            ranked = scores if pins is None else scores.masked_fill(_rows(pins), torch.finfo(scores.dtype).max)
             selected = be.select_clusters(ranked, layer.log_counts, budget_keys=plan.budget_keys[kind])
         if dense_heads is not None:
             # retrieval heads read every cluster (the Triton work list is then built by the attention)
             selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
         if pins is not None and plan.selection == "threshold":
-            selected = selected | pins[None]
+            selected = selected | _rows(pins)
         return scores, selected, None
+
+    def _step_pins(self, layer_idx: int) -> torch.Tensor | None:
+        """The clusters a single-token read of this layer must read whatever their scores: ``(KVH, C)`` for every
+        batch row, or ``(batch, KVH, C)`` one set per row (:class:`~sqz_integrations.batch.BatchRead`)."""
+        return self.pins.get(layer_idx)
+
+    def _pin_question(self, layer_idx: int, layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float) -> None:
+        """A multi-token read (the question) pins, for the decode steps after it, the clusters of the keys it
+        focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from turning a
+        sparse read into a full one (SqueezeConfig.copy_cap)."""
+        cfg = self.corpus.config
+        cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
+        self._store_pins(layer_idx, copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap,
+                                              self.plan.backend))
+
+    def _store_pins(self, layer_idx: int, pins: torch.Tensor) -> None:
+        """Keep a question read's pins ``(KVH, C)`` for the decode steps after it."""
+        if layer_idx in self.pins:  # in place: a pooled decode graph reads this tensor (reset())
+            self.pins[layer_idx].copy_(pins)
+        else:
+            self.pins[layer_idx] = pins
 
     def _read_all(self, layer_idx: int, batch: int):
         """``(selected, work list)`` of a read of every cluster, built once per call and layer (the work list
@@ -251,22 +277,14 @@ class CorpusRead:
         if self.dyn is not None:
             dyn_k, dyn_v, dyn_len = self.dyn.append(layer_idx, dyn_k, dyn_v)
         if cfg.copy_window and q.shape[2] > 1 and layer_idx >= cfg.dense_layers and not self.plan.reads_all(0):
-            # a multi-token read (the question) pins, for the decode steps after it, the clusters of the keys
-            # it focused on and of the keys that follow them; the bound is not a budget, it keeps the pins from
-            # turning a sparse read into a full one (SqueezeConfig.copy_cap)
-            cap = max(1, math.floor(cfg.copy_cap * self.plan.kv_budget * self.corpus.n_tokens))
-            pins = copy_pins(layer, q, dyn_k, scale, cfg.copy_focus, cfg.copy_window, cap, self.plan.backend)
-            if layer_idx in self.pins:  # in place: a pooled decode graph reads this tensor (reset())
-                self.pins[layer_idx].copy_(pins)
-            else:
-                self.pins[layer_idx] = pins
+            self._pin_question(layer_idx, layer, q, dyn_k, scale)
         scores, selected, worklist = self.lookup(layer_idx, q, scale)
         out = self.plan.backend.squeezed_attention(
             q, layer.keys, layer.values, layer.cluster_offsets, selected, dyn_k, dyn_v, scale, worklist=worklist,
             dyn_len=dyn_len,
         )
         self._record(layer_idx, layer, scores, selected)
-        if self.track_sources and q.shape[2] <= _MEASURE_MAX_TOKENS:
+        if self._measures(q.shape[2]):
             self._measure_sources(layer_idx, layer, q, dyn_k, selected, scale, dyn_len)
         return out.transpose(1, 2).contiguous()
 
@@ -296,6 +314,10 @@ class CorpusRead:
         self.steps = [s + d for s, d in zip(self.steps, delta[0])]
         self._scored_host += delta[1]
 
+    def _measures(self, tokens: int) -> bool:
+        """Whether a read of this many tokens measures the sources."""
+        return self.track_sources and tokens <= _MEASURE_MAX_TOKENS
+
     def _measure_sources(self, layer_idx, layer, q, dyn_k, selected, scale, dyn_len=None) -> None:
         """Add, per document, the attention its keys received where a head focused on them.
 
@@ -309,18 +331,25 @@ class CorpusRead:
         if of_key is None:
             of_key = self._cluster_of_key[layer_idx] = reference.cluster_of_key(layer.cluster_offsets, layer.n_clustered)
         keep = reference.cluster_key_mask(selected, layer.cluster_offsets, layer.keys.shape[1], key_clusters=of_key)
-        mass = sum(p.sum(dim=(0, 2, 3))
-                   for *_, p in focused_attention(q, layer.keys, dyn_k, scale, keep, dyn_len))  # KVH, N
+        mass = sum(p.sum(dim=(2, 3))
+                   for *_, p in focused_attention(q, layer.keys, dyn_k, scale, keep, dyn_len))  # B, KVH, N
         # no boolean indexing (a host sync, which a CUDA graph cannot hold): keys outside the documents add 0 to
         # document 0
-        in_doc = layer.key_doc >= 0
-        self.doc_mass.index_add_(0, layer.key_doc.clamp_min(0).flatten(), (mass * in_doc).double().flatten())
+        self._add_mass(layer, (mass * (layer.key_doc >= 0)).double())
 
-    def _record(self, layer_idx, layer, scores, selected) -> None:
+    def _add_mass(self, layer, mass: torch.Tensor) -> None:
+        """Add ``mass`` ``(batch, KVH, N)``, the focused attention per corpus key, to the documents' totals."""
+        self.doc_mass.index_add_(0, layer.key_doc.clamp_min(0).flatten(), mass.sum(0).flatten())
+
+    def _cluster_sizes(self, layer_idx, layer) -> torch.Tensor:
+        """``(KVH, C)`` float64 cluster sizes, exact (``exp(log_counts)`` is off by float32 rounding)."""
         counts = self._counts.get(layer_idx)
         if counts is None:
-            # exact integer sizes (exp(log_counts) is off by float32 rounding)
             counts = self._counts[layer_idx] = (layer.cluster_offsets[:, 1:] - layer.cluster_offsets[:, :-1]).double()
+        return counts
+
+    def _record(self, layer_idx, layer, scores, selected) -> None:
+        counts = self._cluster_sizes(layer_idx, layer)
         self.selected_keys[layer_idx:layer_idx + 1].add_(torch.sum(selected * counts, dtype=torch.float64))
         self._rows[layer_idx] = selected.shape[0] * selected.shape[1]
         self.steps[layer_idx] += 1
