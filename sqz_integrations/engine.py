@@ -9,6 +9,7 @@ On CUDA with the Triton kernels, the read holds those tokens itself and decode s
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -24,6 +25,7 @@ from transformers import DynamicCache
 from sqz_kernels import get_backend
 
 from . import attention, decode_graph, head_probe, storage
+from .batch import BatchRead
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 # The tolerance leaves room for another device's rounding (a GPU-built corpus loaded on a CPU) and refuses another
 # model or weights more than a few percent apart; a close fine-tune of the same model can pass it.
 _KEY_CHECK_TOKENS = 32
+# the per-call overrides of how a corpus is read (stream_answer's keyword arguments besides sampling)
+_READ_OPTIONS = ("kv_budget", "hierarchical", "selection", "question_budget")
 _KEY_CHECK_TOLERANCE = 0.1
 
 
@@ -364,10 +368,11 @@ class SqueezedEngine:
                 return
             feed = [token]
 
-    def _capture(self, read: CorpusRead) -> "decode_graph.GraphedStep | None":
-        """A decode step of ``read`` as a CUDA graph, or None (logged once) where capturing fails."""
+    def _capture(self, read: CorpusRead, batch: int = 1) -> "decode_graph.GraphedStep | None":
+        """A decode step of ``read`` (of ``batch`` rows) as a CUDA graph, or None (logged once) where capturing
+        fails."""
         try:
-            return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg, self._device_lock)
+            return decode_graph.GraphedStep(self.model, read, read.dyn, self._cache_arg, self._device_lock, batch)
         except decode_graph.DeviceBusy:  # not the model's fault: this answer stays eager, the next one captures
             return None
         except Exception as exc:  # the model or a kernel does something a graph cannot hold
@@ -544,6 +549,118 @@ class SqueezedEngine:
     def stream(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
         """Text pieces as they are decoded (see :meth:`stream_answer` for the arguments)."""
         yield from self.stream_answer(prompt, corpus, max_new_tokens, **kwargs)
+
+    @torch.inference_mode()
+    def answer_batch(self, prompts: Sequence[Prompt], corpus: str, max_new_tokens: int = 256, **kwargs) -> list[Answer]:
+        """Answer several questions on one corpus together; one :class:`Answer` per prompt, in order.
+
+        The questions are read in one forward where they read the whole corpus (the default
+        ``question_budget=1.0``), else one after the other; then every decode step feeds one token per answer
+        through one forward (:mod:`~sqz_integrations.batch`): the weights and the corpus are read once per step
+        for all of them (on CUDA with the Triton kernels, replayed from a CUDA graph of the batch's step). The
+        keyword arguments are those of :meth:`stream_answer`, the same for every prompt; with ``seed`` each
+        answer samples as a single call with that seed would. ``time_to_first_token`` / ``total_time`` count
+        from the call's start.
+        """
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
+        unknown = sorted(set(kwargs) - {"temperature", "top_p", "stop", "seed", *_READ_OPTIONS})
+        if unknown:
+            raise TypeError(f"answer_batch() got unexpected keyword arguments {unknown}")
+        params = SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
+                                tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
+        kv_budget, hierarchical, selection, question_budget = (kwargs.get(k) for k in _READ_OPTIONS)
+        c = self.get_corpus(corpus)
+        suffixes = [self.layout.suffix_ids(p) for p in prompts]
+        if not suffixes:
+            return []
+        start = time.perf_counter()
+        n = len(suffixes)
+        with self._device_lock.shared():
+            plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
+            read = BatchRead(c, plan, n, max(map(len, suffixes)) + max_new_tokens, track_sources=c.config.sources)
+            samplers = [Sampler(params, self.device) for _ in suffixes]
+        texts = [TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+                 for _ in suffixes]
+        finish, first_token, ended = ["length"] * n, [0.0] * n, [0.0] * n
+        done, last = [False] * n, [0] * n
+
+        def take(b: int, token: int) -> None:
+            last[b] = token
+            if token in self._eos_ids:
+                finish[b] = "stop"
+            else:
+                texts[b].push(token)
+                if texts[b].stopped:
+                    finish[b] = "stop"
+            done[b] = finish[b] == "stop" or len(texts[b].ids) >= max_new_tokens
+            if done[b]:
+                ended[b] = time.perf_counter() - start
+
+        if plan.reads_all(1) and n > 1:
+            # the questions read the whole corpus (the default question_budget=1.0): one forward for all of them,
+            # right-padded to the longest (causal: no real token sees the padding); per-row pins and sources come
+            # from each row's real tokens (BatchRead)
+            lengths = [len(x) for x in suffixes]
+            width = max(lengths)
+            wanted = sorted(set(t - 1 for t in lengths))  # the last real position of each row
+            with self._device_lock.shared():
+                read.dyn.begin_rows(lengths)
+                logits = self.model(
+                    input_ids=torch.tensor([x + x[-1:] * (width - len(x)) for x in suffixes], device=self.device),
+                    position_ids=(c.n_tokens + torch.arange(width, device=self.device)).expand(n, -1),
+                    use_cache=False, squeeze=read, logits_to_keep=torch.tensor(wanted, device=self.device),
+                    **{self._cache_arg: None},
+                ).logits
+                read.dyn.end()
+                read.end_step()
+                tokens = [samplers[b](logits[b, wanted.index(t - 1)]) for b, t in enumerate(lengths)]
+            for b, token in enumerate(tokens):
+                first_token[b] = time.perf_counter() - start
+                take(b, token)
+        else:
+            for b, suffix in enumerate(suffixes):  # each question alone, into its row (its own pins)
+                with self._device_lock.shared():
+                    read.dyn.begin_row(b, len(suffix))
+                    logits = self._forward(suffix, c.n_tokens, None, read)
+                    read.dyn.end()
+                    token = samplers[b](logits[-1])
+                first_token[b] = time.perf_counter() - start
+                take(b, token)
+        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does
+        graphs = self._graphs_for(c, plan, max_new_tokens)
+        step, steps = None, 0
+        while not all(done):
+            if graphs and step is None and steps == 2:
+                step = self._capture(read, batch=n)
+                graphs = step is not None
+            positions = [c.n_tokens + k for k in read.dyn.lens]
+            with self._device_lock.shared():
+                read.set_active([not d for d in done])
+                if step is not None:
+                    logits = step(last, positions)
+                else:
+                    read.dyn.begin(1, on_device=graphs)
+                    logits = self.model(
+                        input_ids=torch.tensor(last, device=self.device).unsqueeze(1),
+                        position_ids=torch.tensor(positions, device=self.device).unsqueeze(1),
+                        use_cache=False, squeeze=read, logits_to_keep=1, **{self._cache_arg: None},
+                    ).logits[:, -1]
+                    read.dyn.end()
+                read.end_step()
+                tokens = [None if done[b] else samplers[b](logits[b]) for b in range(n)]
+            steps += 1
+            for b, token in enumerate(tokens):
+                if token is not None:
+                    take(b, token)
+        answers = []
+        with self._device_lock.shared():
+            for b in range(n):
+                texts[b].finish()
+                answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b], finish[b],
+                                             first_token[b], start)
+                answers.append(dataclasses.replace(answer, total_time=ended[b]))
+        return answers
 
     @torch.inference_mode()
     def score_continuation(

@@ -508,6 +508,43 @@ def test_cuda_graph_answers_from_two_threads(world):
     assert together == alone + alone
 
 
+def test_batch_answers_on_triton(world, monkeypatch):
+    """``answer_batch`` through the Triton kernels (each row its own count of dynamic keys, its own copy pins through
+    the unfused lookup), its steps replayed from a CUDA graph after the first two, gives every row the greedy
+    tokens of a single eager answer, flat and hierarchical."""
+    from sqz_integrations import decode_graph
+
+    replays = [0]
+    replay = decode_graph.GraphedStep.__call__
+
+    def counted(self, token, position):
+        replays[0] += isinstance(token, list)
+        return replay(self, token, position)
+
+    monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
+    e = world.engine
+    prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
+    for corpus, hier in ((world.flat, False), (world.hier, True)):
+        replays[0] = 0
+        c = e.get_corpus(corpus)
+        built = c.config
+        c.config = built.replace(cuda_graphs=False)
+        try:
+            single = [e.answer(p, corpus, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier) for p in prompts]
+        finally:
+            c.config = built
+        batched = e.answer_batch(prompts, corpus, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier)
+        equal = [a.token_ids == b.token_ids for a, b in zip(single, batched)]
+        assert e.cuda_graph_error is None and replays[0] > 0
+        _report(world=world.name, check="batch_answers", corpus=corpus, equal=equal, replays=replays[0],
+                kept_single=[a.kept_fraction for a in single], kept_batch=[b.kept_fraction for b in batched],
+                single_s=sum(a.total_time for a in single), batch_s=max(b.total_time for b in batched))
+        assert all(equal)
+        for a, b in zip(single, batched):
+            assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=0.02)
+            assert [s.document_index for s in b.sources][:1] == [s.document_index for s in a.sources][:1]
+
+
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
     """A corpus built on the GPU, saved and loaded back (under another name, into the same engine), answers as the
     original through the Triton kernels and the graphs, flat and hierarchical, fp8 centroids too. The model check of

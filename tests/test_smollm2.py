@@ -61,6 +61,20 @@ def test_measured_kept_fraction_tracks_the_budget(smol_engine, needle_corpora, b
     assert abs(mean - budget) <= 0.2 * budget, (budget, kept)
 
 
+def test_batch_answers_are_the_single_answers(smol_engine, needle_corpora):
+    """Three questions of different lengths answered together give, row by row, what one call each gives."""
+    name = needle_corpora[0.5]
+    questions = [QUESTION, "What does the author think about startups?",
+                 [{"role": "user", "content": "Summarize the text in one sentence."}]]
+    single = [smol_engine.answer(q, corpus=name, max_new_tokens=16) for q in questions]
+    batched = smol_engine.answer_batch(questions, corpus=name, max_new_tokens=16)
+    assert [b.token_ids for b in batched] == [a.token_ids for a in single]
+    assert PASS_KEYS[0.5] in batched[0].text
+    for a, b in zip(single, batched):
+        assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=1e-9)
+        assert [s.document_index for s in b.sources] == [s.document_index for s in a.sources]
+
+
 def test_stats_report_the_reads(smol_engine, needle_corpora):
     stats = smol_engine.get_corpus(needle_corpora[0.75]).stats()
     for key in ("tokens", "clusters", "kept_fraction", "kept_fraction_per_layer", "build_seconds"):

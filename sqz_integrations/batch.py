@@ -1,0 +1,277 @@
+"""A batch of answers on one corpus: each question read alone, then one decode step for every row.
+
+Batch 1 decoding reads the model's weights and the selected corpus keys once per generated token of one
+answer. Rows that decode together share those reads: one forward per step feeds one token per row, and the
+kernels' batch attends every row to the one copy of the corpus KV (each row with its own selection).
+
+The questions differ in length, so each row's dynamic tokens (its question, then what it generated) sit in
+its own row of shared buffers from slot 0 on, with its own count of valid slots (the kernels' per-row
+``dyn_len``). A question is read alone, into its row (a batch-1 forward: its own copy pins, its own dense or
+sparse read); only the single-token steps run together. A row that has finished keeps being fed until the
+batch ends (its tokens are dropped and nothing it reads is counted): a step costs about the same with one
+row more or less.
+"""
+from __future__ import annotations
+
+import torch
+
+from .corpus import SqueezedCorpus
+from .selection import CorpusRead, ReadPlan
+
+
+class RowTokens:
+    """Keys/values of each row's dynamic tokens, per layer ``(batch, kv_heads, capacity, dim)``, row ``b``'s
+    valid in its first ``lens[b]`` slots.
+
+    :meth:`begin_row` starts a forward of one row alone (its question), :meth:`begin` one of every row with one
+    token each; :meth:`append` (called by :meth:`CorpusRead.attend` in every layer) stores the forward's
+    keys/values after the row's own and returns what the attention reads. Steps of every row keep the slots to
+    write and the counts to read on the device, so that a CUDA graph can hold them (``on_device``: the whole
+    buffers are read, each row up to its own count; the twins, which read every slot they are given, get them
+    cut to the longest row instead).
+    """
+
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        if batch < 1 or capacity < 1:
+            raise ValueError(f"batch and capacity must be positive, got {batch} and {capacity}")
+        self.batch, self.capacity = batch, capacity
+        self.lens = [0] * batch  # valid slots per row before the current forward (host)
+        self.row: int | None = None  # the row read alone by the current forward, None: every row
+        self.new = 0
+        self.on_device = False
+        self._lengths: list[int] | None = None  # during begin_rows: each row's real tokens
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._slots = torch.zeros(batch, dtype=torch.long, device=device)  # where each row's new token goes
+        self._valid = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def begin_row(self, row: int, new_tokens: int) -> None:
+        if not 0 <= row < self.batch:
+            raise IndexError(f"row {row} is not in a batch of {self.batch}")
+        self._check(self.lens[row] + new_tokens)
+        self.row, self.new = row, new_tokens
+
+    def begin_rows(self, lengths: list[int]) -> None:
+        """A forward of every row's question at once, right-padded to the longest: row ``b``'s first ``lengths[b]``
+        tokens are real. Causal attention lets no real token see the padding after it, and the padded slots are
+        overwritten by the row's next tokens (:meth:`end` counts only the real ones)."""
+        if len(lengths) != self.batch or any(self.lens) or min(lengths) < 1:
+            raise ValueError(f"the questions of an empty batch of {self.batch}, each at least one token, not {lengths}")
+        self._check(max(lengths))
+        self.row, self.new, self.on_device = None, max(lengths), False
+        self._lengths = list(lengths)
+
+    def begin(self, new_tokens: int = 1, on_device: bool = False) -> None:
+        """A forward of every row, one token each (``decode_graph.GraphedStep`` calls it before each replay)."""
+        if new_tokens != 1:
+            raise ValueError(f"a step of every row feeds one token per row, not {new_tokens}")
+        self._check(max(self.lens) + 1)
+        self.row, self.new, self.on_device = None, 1, on_device
+        self._lengths = None
+        self._slots.copy_(torch.tensor(self.lens))
+        torch.add(self._slots, 1, out=self._valid)
+
+    def end(self) -> None:
+        if self._lengths is not None:
+            self.lens, self._lengths = self._lengths, None
+        elif self.row is None:
+            self.lens = [n + 1 for n in self.lens]
+        else:
+            self.lens[self.row] += self.new
+        self.row, self.new = None, 0
+
+    def _check(self, needed: int) -> None:
+        if needed > self.capacity:
+            raise ValueError(f"{needed} dynamic tokens do not fit in {self.capacity}")
+
+    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this forward's ``k``/``v`` ``(rows, kv_heads, T, dim)`` -> ``(keys, values, dyn_len)``: for one
+        row, its valid slots (``dyn_len`` None); for every row, the buffers up to the longest row and the per-row
+        counts."""
+        if layer_idx not in self.keys:
+            _, kvh, _, d = k.shape
+            self.keys[layer_idx] = k.new_zeros(self.batch, kvh, self.capacity, d)
+            self.values[layer_idx] = v.new_zeros(self.batch, kvh, self.capacity, v.shape[-1])
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._lengths is not None:
+            t = k.shape[2]
+            keys[:, :, :t] = k.to(keys.dtype)
+            values[:, :, :t] = v.to(values.dtype)
+            return keys[:, :, :t], values[:, :, :t], None
+        if self.row is not None:
+            r, start = self.row, self.lens[self.row]
+            end = start + k.shape[2]
+            keys[r, :, start:end] = k[0].to(keys.dtype)
+            values[r, :, start:end] = v[0].to(values.dtype)
+            return keys[r:r + 1, :, :end], values[r:r + 1, :, :end], None
+        slots = self._slots.view(-1, 1, 1, 1)
+        keys.scatter_(2, slots.expand(-1, k.shape[1], 1, k.shape[3]), k.to(keys.dtype))
+        values.scatter_(2, slots.expand(-1, v.shape[1], 1, v.shape[3]), v.to(values.dtype))
+        if self.on_device:
+            return keys, values, self._valid
+        end = max(self.lens) + 1
+        return keys[:, :, :end], values[:, :, :end], self._valid
+
+
+class BatchRead(CorpusRead):
+    """A :class:`CorpusRead` for a batch of answers: the dynamic tokens in :class:`RowTokens`, one set of copy
+    pins per row, and what each row read (kept keys, centroids scored, source mass) counted per row while the
+    row is active. :meth:`row_view` gives one row's counters as a read of its own (for the answer's record).
+
+    The counts kept on the device (kept keys, hierarchical centroids scored, source mass) are weighted by the
+    rows' active flags, also on the device, so a CUDA-graph replay of a step counts them by itself. The counts
+    kept on the host (steps, flat centroids scored) are the same for every row at every step: the layers record
+    them once, and :meth:`end_step` adds them to the active rows after each step, eager or replayed."""
+
+    def __init__(self, corpus: SqueezedCorpus, plan: ReadPlan, batch: int, capacity: int, track_sources: bool = True):
+        super().__init__(corpus, plan, track_sources)
+        dev = corpus.layers[0].keys.device
+        n_layers = len(corpus.layers)
+        self.batch = batch
+        self.dyn = RowTokens(batch, capacity, dev)
+        self.row_keys = torch.zeros(n_layers, batch, dtype=torch.float64, device=dev)  # per KV head, summed over steps
+        self.row_steps = [[0] * n_layers for _ in range(batch)]
+        self.row_scored_host = [0.0] * batch
+        self.row_scored_dev = torch.zeros(batch, dtype=torch.float64, device=dev)
+        self.row_mass = torch.zeros(batch, len(corpus.documents), dtype=torch.float64, device=dev)
+        self._row: int | None = None  # the row of a batched question read being pinned or measured
+        self._step_scored: dict[int, float] = {}  # layer -> centroids a step of one row scores (host-known part)
+        self.active = [True] * batch
+        self._active_dev = torch.ones(batch, dtype=torch.float64, device=dev)
+        self._one = torch.ones(1, dtype=torch.float64, device=dev)
+
+    def set_active(self, active: list[bool]) -> None:
+        """Which rows still decode: the others are fed, but nothing they read is counted."""
+        if len(active) != self.batch:
+            raise ValueError(f"{len(active)} flags for a batch of {self.batch}")
+        self.active = list(active)
+        self._active_dev.copy_(torch.tensor(self.active, dtype=torch.float64))
+
+    def _one_row(self) -> int | None:
+        """The row a computation is for when it is for one row only (a question read alone, or one row of a
+        batched question read), else None (every row)."""
+        return self._row if self._row is not None else self.dyn.row
+
+    def _each_question(self, fn, q, dyn_k, *rest) -> None:
+        """``fn(q, dyn_k, *rest)`` per row of a batched question read, on that row's real tokens alone (what a
+        read of the row's question alone computes)."""
+        for b, t in enumerate(self.dyn._lengths):
+            self._row = b
+            try:
+                fn(q[b:b + 1, :, :t], dyn_k[b:b + 1, :, :t], *[x[b:b + 1] for x in rest])
+            finally:
+                self._row = None
+
+    def _step_pins(self, layer_idx):
+        pins = self.pins.get(layer_idx)
+        if pins is None or self.dyn.row is None:
+            return pins
+        return pins[self.dyn.row:self.dyn.row + 1]
+
+    def _pin_question(self, layer_idx, layer, q, dyn_k, scale) -> None:
+        if self.dyn._lengths is None:
+            return super()._pin_question(layer_idx, layer, q, dyn_k, scale)
+        self._each_question(lambda qb, kb: super(BatchRead, self)._pin_question(layer_idx, layer, qb, kb, scale),
+                            q, dyn_k)
+
+    def _store_pins(self, layer_idx, pins) -> None:
+        if layer_idx not in self.pins:
+            self.pins[layer_idx] = pins.new_zeros(self.batch, *pins.shape)
+        self.pins[layer_idx][self._one_row()] = pins
+
+    def _measures(self, tokens: int) -> bool:
+        lengths = self.dyn._lengths
+        return super()._measures(tokens if lengths is None else min(lengths))
+
+    def _measure_sources(self, layer_idx, layer, q, dyn_k, selected, scale, dyn_len=None) -> None:
+        if self.dyn._lengths is None:
+            return super()._measure_sources(layer_idx, layer, q, dyn_k, selected, scale, dyn_len)
+
+        def one(qb, kb, sb):
+            if super(BatchRead, self)._measures(qb.shape[2]):
+                super(BatchRead, self)._measure_sources(layer_idx, layer, qb, kb, sb, scale)
+
+        self._each_question(one, q, dyn_k, selected)
+
+    def _weights(self) -> torch.Tensor:
+        """``(rows,)`` float64: 1 for a counted row of the current forward, 0 for a finished one."""
+        return self._one if self.dyn.row is not None else self._active_dev
+
+    def _record(self, layer_idx, layer, scores, selected) -> None:
+        counts = self._cluster_sizes(layer_idx, layer)
+        kvh = selected.shape[1]
+        per_row = torch.sum(selected * counts, dim=(1, 2), dtype=torch.float64) / kvh * self._weights()
+        one = self.dyn.row
+        if one is not None:
+            self.row_keys[layer_idx, one] += per_row[0]
+        else:
+            self.row_keys[layer_idx] += per_row
+        # centroids scored over a row's KV heads, as CorpusRead counts them (a read of everything scores none)
+        per_step = 0.0
+        if scores is not None and self.plan.hierarchical:
+            scored = torch.isfinite(scores).sum(dim=(1, 2)).double() * self._weights()
+            if one is not None:
+                self.row_scored_dev[one] += scored[0]
+            else:
+                self.row_scored_dev += scored
+            per_step = layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
+        elif scores is not None:
+            per_step = scores.shape[1] * scores.shape[2]
+        if one is not None:
+            self.row_steps[one][layer_idx] += 1
+            self.row_scored_host[one] += per_step
+        else:
+            self._step_scored[layer_idx] = per_step
+
+    def end_step(self) -> None:
+        """After a step of every row (eager or a graph replay): its host-side counts, to the active rows."""
+        for b in range(self.batch):
+            if self.active[b]:
+                for layer_idx, scored in self._step_scored.items():
+                    self.row_steps[b][layer_idx] += 1
+                    self.row_scored_host[b] += scored
+
+    def host_counters(self):
+        """Nothing for ``decode_graph.GraphedStep`` to carry over: :meth:`end_step` counts the host side."""
+        return [], 0.0
+
+    def set_host_counters(self, counters) -> None:
+        pass
+
+    def add_host_counters(self, delta) -> None:
+        pass
+
+    def _add_mass(self, layer, mass) -> None:
+        index = layer.key_doc.clamp_min(0).flatten()
+        row = self._one_row()
+        if row is not None:
+            self.row_mass[row].index_add_(0, index, mass[0].flatten())
+        else:
+            self.row_mass.index_add_(1, index, (mass * self._active_dev.view(-1, 1, 1)).flatten(1))
+
+    def row_view(self, row: int) -> "RowRead":
+        return RowRead(self, row)
+
+
+class RowRead:
+    """One row of a :class:`BatchRead`, with the read-out of a :class:`CorpusRead` (kept fraction, centroids
+    scored, source mass, commit), so that an answer's record is built the same way for a batch row."""
+
+    def __init__(self, batch: BatchRead, row: int):
+        self.corpus = batch.corpus
+        self.steps = list(batch.row_steps[row])
+        keys = batch.row_keys[:, row].tolist()
+        self._sums = [(k + s * layer.n_always) / layer.keys.shape[1]
+                      for k, s, layer in zip(keys, self.steps, batch.corpus.layers)]
+        self.centroids_scored = batch.row_scored_host[row] + float(batch.row_scored_dev[row])
+        self.doc_mass = batch.row_mass[row]
+
+    def kept_per_layer(self) -> list[float]:
+        return [k / s if s else 0.0 for k, s in zip(self._sums, self.steps)]
+
+    def kept_fraction(self) -> float:
+        total = sum(self.steps)
+        return sum(self._sums) / total if total else 0.0
+
+    def commit(self) -> None:
+        self.corpus.reads.add(self._sums, list(self.steps))
