@@ -248,6 +248,8 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
             rec.setdefault("graph_tokens_equal_eager", {})[f"{budget:g}"] = all(
                 a["ids"] == b["ids"] for a, b in zip(systems[f"squeezed@{budget:g}"], systems[f"squeezed@{budget:g} eager"]))
     corpus.config = built
+    if args.batch > 1:
+        rec["batch"] = {f"{b:g}": run_batch(engine, args.batch, b, args.new_tokens, device) for b in args.budgets}
     rec["cuda_graph_error"] = engine.cuda_graph_error
     if captures is not None:
         taken = sorted(captures.take())
@@ -334,6 +336,35 @@ def profile_decode(engine: SqueezedEngine, budget: float, new_tokens: int, devic
     return head + events.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
+def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int, device: str) -> dict:
+    """``rows`` different questions answered one after the other (``engine.answer``: CUDA-graph decode on CUDA)
+    and together (``engine.answer_batch``: one eager forward per step for every row): tokens per second over the
+    whole set, and how many of the answers agree token for token (a batched GEMM may round a near-tie logit of the
+    random model the other way)."""
+    questions = [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})" for i in range(rows)]
+    engine.answer_batch(questions, "bench", max_new_tokens=2, kv_budget=budget)  # compiles the batch's kernels
+    timings = {}
+    for way in ("one by one", "batch"):
+        sync(device)
+        t0 = time.perf_counter()
+        if way == "batch":
+            answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+        else:
+            answers = [engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget) for q in questions]
+        sync(device)
+        seconds = time.perf_counter() - t0
+        tokens = sum(a.completion_tokens for a in answers)
+        timings[way] = dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
+                            ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
+    one, many = timings["one by one"], timings["batch"]
+    return dict(rows=rows, budget=budget, seconds_one_by_one=one["seconds"], seconds_batch=many["seconds"],
+                tokens_one_by_one=one["tokens"], tokens_batch=many["tokens"],
+                tokens_per_s_one_by_one=one["tokens_per_s"], tokens_per_s_batch=many["tokens_per_s"],
+                answers_equal=sum(a == b for a, b in zip(one["ids"], many["ids"])),
+                leading_equal=[leading_equal(a, b) for a, b in zip(one["ids"], many["ids"])],
+                kept_one_by_one=one["kept"], kept_batch=many["kept"])
+
+
 def summarise(runs: list[dict]) -> dict:
     """Medians over the warm answers (the first answer of a size compiles kernels and fills caches)."""
     warm = [r for r in runs if r["warm"]] or runs
@@ -359,6 +390,16 @@ def markdown(meta: dict, records: list[dict]) -> str:
         for name, s in r["systems"].items():
             lines.append(f"| {r['corpus_tokens']} | {r['build_seconds']:.1f} | {name} | {s['ttft_s']:.3f} | "
                          f"{s['per_token_ms']:.1f} | {s['kept_fraction']:.3f} |")
+    batches = [(r["corpus_tokens"], b) for r in records for b in r.get("batch", {}).values()]
+    if batches:
+        lines += ["", "Batches of different questions on one corpus: answered one by one (`answer`) and together "
+                  "(`answer_batch`); generated tokens per second over the whole set.", "",
+                  "| corpus tokens | budget | questions | one by one tok/s | batch tok/s | speed-up | answers equal |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, b in batches:
+            lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {b['tokens_per_s_one_by_one']:.1f} | "
+                         f"{b['tokens_per_s_batch']:.1f} | {b['tokens_per_s_batch'] / b['tokens_per_s_one_by_one']:.2f}x "
+                         f"| {b['answers_equal']}/{b['rows']} |")
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:
@@ -377,6 +418,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=4096, help="corpus prefill chunk (engine and CAG)")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="also answer this many different questions one by one and as one batch (0: not)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--copy-window", type=int, default=SqueezeConfig.copy_window,
                     help="SqueezeConfig.copy_window (0: decode reads only its own selection)")
@@ -392,7 +435,7 @@ def main() -> None:
     device = "cpu" if args.cpu_smoke or args.cpu else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.cpu_smoke:
-        args.tokens, args.layers, args.new_tokens, args.repeats = [2048], 2, 4, 1
+        args.tokens, args.layers, args.new_tokens, args.repeats, args.batch = [2048], 2, 4, 1, min(args.batch, 3)
     if args.cpu:
         from sqz_integrations.default_model import default_model_dir
 
