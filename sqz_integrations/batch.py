@@ -45,6 +45,11 @@ class RowTokens:
         self._slots = torch.zeros(batch, dtype=torch.long, device=device)  # where each row's new token goes
         self._valid = torch.zeros(batch, dtype=torch.long, device=device)
 
+    def reset(self) -> None:
+        """Empty, for another batch: the buffers stay where they are (a captured graph reads them)."""
+        self.lens = [0] * self.batch
+        self.row, self.new, self.on_device, self._lengths = None, 0, False, None
+
     def begin_row(self, row: int, new_tokens: int) -> None:
         if not 0 <= row < self.batch:
             raise IndexError(f"row {row} is not in a batch of {self.batch}")
@@ -217,19 +222,34 @@ class BatchRead(CorpusRead):
             per_step = layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
         elif scores is not None:
             per_step = scores.shape[1] * scores.shape[2]
-        if one is not None:
-            self.row_steps[one][layer_idx] += 1
-            self.row_scored_host[one] += per_step
-        else:
+        if one is not None or self.dyn._lengths is not None:  # a question read, of one row or of every row
+            for b in ([one] if one is not None else range(self.batch)):
+                self.row_steps[b][layer_idx] += 1
+                self.row_scored_host[b] += per_step
+        else:  # a decode step: counted by end_step (a graph replay does not run this)
             self._step_scored[layer_idx] = per_step
 
     def end_step(self) -> None:
-        """After a step of every row (eager or a graph replay): its host-side counts, to the active rows."""
+        """After a decode step of every row (eager or a graph replay): its host-side counts, to the active rows."""
         for b in range(self.batch):
             if self.active[b]:
                 for layer_idx, scored in self._step_scored.items():
                     self.row_steps[b][layer_idx] += 1
                     self.row_scored_host[b] += scored
+
+    def reset(self) -> None:
+        """Ready for another batch of as many rows with the same plan, in place (a pooled graph holds this read's
+        tensors). The layers' decode-step counts stay: a replay from the first step does not record them."""
+        n_layers = len(self.corpus.layers)
+        self.row_keys.zero_()
+        self.row_scored_dev.zero_()
+        self.row_mass.zero_()
+        self.row_steps = [[0] * n_layers for _ in range(self.batch)]
+        self.row_scored_host = [0.0] * self.batch
+        for pins in self.pins.values():
+            pins.zero_()
+        self.set_active([True] * self.batch)
+        self.dyn.reset()
 
     def host_counters(self):
         """Nothing for ``decode_graph.GraphedStep`` to carry over: :meth:`end_step` counts the host side."""

@@ -391,16 +391,20 @@ class SqueezedEngine:
         return (corpus.config.cuda_graphs and self.device.type == "cuda" and plan.fused
                 and max_new_tokens > 2 and self.cuda_graph_error is None)
 
-    def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int) -> "decode_graph.GraphSlot":
+    def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int, batch: int | None = None
+                    ) -> "decode_graph.GraphSlot":
         """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read. The key holds
         everything a captured step depends on: the corpus object, the plan's settings (its thresholds and
         retrieval heads follow from them and the corpus's calibration), the corpus's configuration (sources,
-        copy pins) and the size of the dynamic-token buffers."""
+        copy pins), the size of the dynamic-token buffers and, for ``answer_batch``, the number of rows."""
         capacity = decode_graph.capacity_for(tokens)
         key = (id(corpus), plan.kv_budget, plan.question_budget, plan.selection, plan.hierarchical,
-               plan.backend.__name__, corpus.config, capacity)
+               plan.backend.__name__, corpus.config, capacity, batch)
         slot = self._graph_pool.take(corpus.name, key)
         if slot is None:  # a fresh read with its own dynamic-token buffers (the caller holds the device lock)
+            if batch is not None:
+                return decode_graph.GraphSlot(key, BatchRead(corpus, plan, batch, capacity,
+                                                             track_sources=corpus.config.sources))
             read = CorpusRead(corpus, plan, track_sources=corpus.config.sources)
             read.dyn = decode_graph.DynamicTokens(capacity, self.device)
             return decode_graph.GraphSlot(key, read)
@@ -576,9 +580,14 @@ class SqueezedEngine:
             return []
         start = time.perf_counter()
         n = len(suffixes)
+        slot = None
         with self._device_lock.shared():
             plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
-            read = BatchRead(c, plan, n, max(map(len, suffixes)) + max_new_tokens, track_sources=c.config.sources)
+            if self._graphs_for(c, plan, max_new_tokens):
+                slot = self._graph_slot(c, plan, max(map(len, suffixes)) + max_new_tokens, batch=n)
+                read, plan = slot.read, slot.read.plan
+            else:
+                read = BatchRead(c, plan, n, max(map(len, suffixes)) + max_new_tokens, track_sources=c.config.sources)
             samplers = [Sampler(params, self.device) for _ in suffixes]
         texts = [TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
                  for _ in suffixes]
@@ -613,7 +622,6 @@ class SqueezedEngine:
                     **{self._cache_arg: None},
                 ).logits
                 read.dyn.end()
-                read.end_step()
                 tokens = [samplers[b](logits[b, wanted.index(t - 1)]) for b, t in enumerate(lengths)]
             for b, token in enumerate(tokens):
                 first_token[b] = time.perf_counter() - start
@@ -627,12 +635,13 @@ class SqueezedEngine:
                     token = samplers[b](logits[-1])
                 first_token[b] = time.perf_counter() - start
                 take(b, token)
-        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does
-        graphs = self._graphs_for(c, plan, max_new_tokens)
-        step, steps = None, 0
+        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does,
+        # or from the first with a pooled one
+        graphs = slot is not None
+        step, steps = (slot.step if graphs else None), 0
         while not all(done):
             if graphs and step is None and steps == 2:
-                step = self._capture(read, batch=n)
+                step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None
             positions = [c.n_tokens + k for k in read.dyn.lens]
             with self._device_lock.shared():
@@ -660,6 +669,8 @@ class SqueezedEngine:
                 answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b], finish[b],
                                              first_token[b], start)
                 answers.append(dataclasses.replace(answer, total_time=ended[b]))
+        if slot is not None and self.cuda_graph_error is None:
+            self._graph_pool.give(c.name, slot)  # only now: the records above have read the read's counters
         return answers
 
     @torch.inference_mode()

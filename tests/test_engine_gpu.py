@@ -514,14 +514,19 @@ def test_batch_answers_on_triton(world, monkeypatch):
     tokens of a single eager answer, flat and hierarchical."""
     from sqz_integrations import decode_graph
 
-    replays = [0]
-    replay = decode_graph.GraphedStep.__call__
+    replays, captures = [0], [0]
+    replay, capture = decode_graph.GraphedStep.__call__, decode_graph.GraphedStep.__init__
 
     def counted(self, token, position):
         replays[0] += isinstance(token, list)
         return replay(self, token, position)
 
+    def counted_capture(self, *args, **kwargs):
+        captures[0] += 1
+        capture(self, *args, **kwargs)
+
     monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
+    monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
     e = world.engine
     prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
     for corpus, hier in ((world.flat, False), (world.hier, True)):
@@ -543,6 +548,14 @@ def test_batch_answers_on_triton(world, monkeypatch):
         for a, b in zip(single, batched):
             assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=0.02)
             assert [s.document_index for s in b.sources][:1] == [s.document_index for s in a.sources][:1]
+        # a second batch of as many rows takes the first one's graph from the pool (reset in place): no capture,
+        # replays from its first step, its own pins and counters
+        captures[0] = replays[0] = 0
+        again = e.answer_batch(prompts[::-1], corpus, max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier)
+        assert captures[0] == 0 and replays[0] > 0
+        assert [b.token_ids for b in again] == [a.token_ids for a in single[::-1]]
+        for a, b in zip(single[::-1], again):
+            assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=0.02)
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
