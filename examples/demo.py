@@ -45,10 +45,11 @@ def main() -> None:
     print(f"corpus: {s['documents']} essays, {s['tokens']} tokens, {s['clusters']} clusters per KV head, "
           f"built in {s['build_seconds']:.1f}s\n")
     questions = [q for _, q, _ in FACTS] + ["What is the first essay about? Answer in one sentence."]
-    kept = []
+    kept, alone = [], []
     for q in questions:
         squeezed = engine.answer(q, corpus="essays", max_new_tokens=40)
         kept.append(squeezed.kept_fraction)
+        alone.append(squeezed)
         full = engine.answer(q, corpus="essays", max_new_tokens=40, kv_budget=1.0)
         print(f"Q: {q}")
         print(f"  squeezed ({squeezed.kept_fraction:.0%} of the corpus KV read, {squeezed.total_time:.2f}s): "
@@ -58,6 +59,11 @@ def main() -> None:
         if top:
             print(f"  top source: {top.metadata.get('source')} ({top.score:.0%} of the attention mass)")
         print()
+    # the same questions decoded together: one forward per step for all of them
+    together = engine.answer_batch(questions, corpus="essays", max_new_tokens=40)
+    same = sum(a.text == b.text for a, b in zip(alone, together))
+    print(f"the {len(questions)} questions as one batch: {max(a.total_time for a in together):.2f}s against "
+          f"{sum(a.total_time for a in alone):.2f}s one by one; {same} of {len(questions)} answers the same text")
     print(f"squeezed answers read {sum(kept) / len(kept):.1%} of the corpus KV on average "
           f"(budget {s['kv_budget']:.0%}); total {time.perf_counter() - t0:.0f}s")
     print("Timings here are a 135M model on this CPU; GPU kernel speed-ups are in benchmarks/results/.")

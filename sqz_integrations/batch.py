@@ -1,15 +1,15 @@
-"""A batch of answers on one corpus: each question read alone, then one decode step for every row.
+"""A batch of answers on one corpus: the questions read, then one decode step at a time for every row.
 
-Batch 1 decoding reads the model's weights and the selected corpus keys once per generated token of one
+Batch-1 decoding reads the model's weights and the selected corpus keys once per generated token of one
 answer. Rows that decode together share those reads: one forward per step feeds one token per row, and the
 kernels' batch attends every row to the one copy of the corpus KV (each row with its own selection).
 
 The questions differ in length, so each row's dynamic tokens (its question, then what it generated) sit in
 its own row of shared buffers from slot 0 on, with its own count of valid slots (the kernels' per-row
-``dyn_len``). A question is read alone, into its row (a batch-1 forward: its own copy pins, its own dense or
-sparse read); only the single-token steps run together. A row that has finished keeps being fed until the
-batch ends (its tokens are dropped and nothing it reads is counted): a step costs about the same with one
-row more or less.
+``dyn_len``). Questions that read the whole corpus (the default) are read in one forward, right-padded;
+otherwise each is read alone, into its row (its own sparse read). Either way each row's copy pins and sources
+come from its own tokens. Eager steps feed only the rows still decoding; a CUDA-graph step (fixed shapes)
+feeds every row, a finished row's token dropped and nothing it reads counted.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ class RowTokens:
         self.new = 0
         self.on_device = False
         self._lengths: list[int] | None = None  # during begin_rows: each row's real tokens
+        self.live: list[int] | None = None  # the rows fed by a step of some rows (the others have finished)
+        self._live_idx: torch.Tensor | None = None
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self._slots = torch.zeros(batch, dtype=torch.long, device=device)  # where each row's new token goes
@@ -49,6 +51,7 @@ class RowTokens:
         """Empty, for another batch: the buffers stay where they are (a captured graph reads them)."""
         self.lens = [0] * self.batch
         self.row, self.new, self.on_device, self._lengths = None, 0, False, None
+        self.live = self._live_idx = None
 
     def begin_row(self, row: int, new_tokens: int) -> None:
         if not 0 <= row < self.batch:
@@ -66,19 +69,28 @@ class RowTokens:
         self.row, self.new, self.on_device = None, max(lengths), False
         self._lengths = list(lengths)
 
-    def begin(self, new_tokens: int = 1, on_device: bool = False) -> None:
-        """A forward of every row, one token each (``decode_graph.GraphedStep`` calls it before each replay)."""
+    def begin(self, new_tokens: int = 1, on_device: bool = False, rows: list[int] | None = None) -> None:
+        """A forward of every row, one token each (``decode_graph.GraphedStep`` calls it before each replay), or,
+        with ``rows``, of those rows only (in that order: the forward's batch rows), the others left as they are."""
         if new_tokens != 1:
             raise ValueError(f"a step of every row feeds one token per row, not {new_tokens}")
-        self._check(max(self.lens) + 1)
+        if rows is not None and (on_device or not rows or not all(0 <= r < self.batch for r in rows)):
+            raise ValueError(f"a step of some rows takes rows of the batch of {self.batch}, not {rows}, and no graph")
+        self.live = None if rows is None or len(rows) == self.batch else list(rows)
+        self._check(max(self.lens[r] for r in (self.live or range(self.batch))) + 1)
         self.row, self.new, self.on_device = None, 1, on_device
         self._lengths = None
         self._slots.copy_(torch.tensor(self.lens))
         torch.add(self._slots, 1, out=self._valid)
+        self._live_idx = None if self.live is None else torch.tensor(self.live, device=self._slots.device)
 
     def end(self) -> None:
         if self._lengths is not None:
             self.lens, self._lengths = self._lengths, None
+        elif self.live is not None:
+            for r in self.live:
+                self.lens[r] += 1
+            self.live = self._live_idx = None
         elif self.row is None:
             self.lens = [n + 1 for n in self.lens]
         else:
@@ -109,6 +121,12 @@ class RowTokens:
             keys[r, :, start:end] = k[0].to(keys.dtype)
             values[r, :, start:end] = v[0].to(values.dtype)
             return keys[r:r + 1, :, :end], values[r:r + 1, :, :end], None
+        if self.live is not None:  # the rows still decoding, gathered (a copy of their dynamic tokens)
+            idx, slots = self._live_idx, self._slots[self._live_idx]
+            keys[idx, :, slots] = k[:, :, 0].to(keys.dtype)
+            values[idx, :, slots] = v[:, :, 0].to(values.dtype)
+            end = max(self.lens[r] for r in self.live) + 1
+            return keys[idx, :, :end], values[idx, :, :end], self._valid[idx]
         slots = self._slots.view(-1, 1, 1, 1)
         keys.scatter_(2, slots.expand(-1, k.shape[1], 1, k.shape[3]), k.to(keys.dtype))
         values.scatter_(2, slots.expand(-1, v.shape[1], 1, v.shape[3]), v.to(values.dtype))
@@ -169,9 +187,11 @@ class BatchRead(CorpusRead):
 
     def _step_pins(self, layer_idx):
         pins = self.pins.get(layer_idx)
-        if pins is None or self.dyn.row is None:
-            return pins
-        return pins[self.dyn.row:self.dyn.row + 1]
+        if pins is None:
+            return None
+        if self.dyn.row is not None:
+            return pins[self.dyn.row:self.dyn.row + 1]
+        return pins if self.dyn.live is None else pins[self.dyn._live_idx]
 
     def _pin_question(self, layer_idx, layer, q, dyn_k, scale) -> None:
         if self.dyn._lengths is None:
@@ -199,8 +219,16 @@ class BatchRead(CorpusRead):
         self._each_question(one, q, dyn_k, selected)
 
     def _weights(self) -> torch.Tensor:
-        """``(rows,)`` float64: 1 for a counted row of the current forward, 0 for a finished one."""
-        return self._one if self.dyn.row is not None else self._active_dev
+        """``(rows,)`` float64: 1 for a counted row of the current forward, 0 for a finished one (the rows of a
+        step of some rows are all counted)."""
+        return self._one if self.dyn.row is not None or self.dyn.live is not None else self._active_dev
+
+    def _add_rows(self, total: torch.Tensor, per_row: torch.Tensor) -> None:
+        """``total`` ``(batch, ...)`` += ``per_row``, the current forward's rows (every row, or the fed ones)."""
+        if self.dyn.live is None:
+            total += per_row
+        else:
+            total.index_add_(0, self.dyn._live_idx, per_row)
 
     def _record(self, layer_idx, layer, scores, selected) -> None:
         counts = self._cluster_sizes(layer_idx, layer)
@@ -210,7 +238,7 @@ class BatchRead(CorpusRead):
         if one is not None:
             self.row_keys[layer_idx, one] += per_row[0]
         else:
-            self.row_keys[layer_idx] += per_row
+            self._add_rows(self.row_keys[layer_idx], per_row)
         # centroids scored over a row's KV heads, as CorpusRead counts them (a read of everything scores none)
         per_step = 0.0
         if scores is not None and self.plan.hierarchical:
@@ -218,7 +246,7 @@ class BatchRead(CorpusRead):
             if one is not None:
                 self.row_scored_dev[one] += scored[0]
             else:
-                self.row_scored_dev += scored
+                self._add_rows(self.row_scored_dev, scored)
             per_step = layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
         elif scores is not None:
             per_step = scores.shape[1] * scores.shape[2]
@@ -266,6 +294,9 @@ class BatchRead(CorpusRead):
         row = self._one_row()
         if row is not None:
             self.row_mass[row].index_add_(0, index, mass[0].flatten())
+        elif self.dyn.live is not None:
+            per_row = mass.new_zeros(mass.shape[0], self.row_mass.shape[1]).index_add_(1, index, mass.flatten(1))
+            self.row_mass.index_add_(0, self.dyn._live_idx, per_row)
         else:
             self.row_mass.index_add_(1, index, (mass * self._active_dev.view(-1, 1, 1)).flatten(1))
 

@@ -643,25 +643,26 @@ class SqueezedEngine:
             if graphs and step is None and steps == 2:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None
-            positions = [c.n_tokens + k for k in read.dyn.lens]
+            # a graph step feeds every row (a finished one is fed and not counted); an eager one the live rows only
+            fed = list(range(n)) if graphs else [b for b in range(n) if not done[b]]
+            positions = [c.n_tokens + read.dyn.lens[b] for b in fed]
             with self._device_lock.shared():
                 read.set_active([not d for d in done])
                 if step is not None:
                     logits = step(last, positions)
                 else:
-                    read.dyn.begin(1, on_device=graphs)
+                    read.dyn.begin(1, on_device=graphs, rows=None if graphs else fed)
                     logits = self.model(
-                        input_ids=torch.tensor(last, device=self.device).unsqueeze(1),
+                        input_ids=torch.tensor([last[b] for b in fed], device=self.device).unsqueeze(1),
                         position_ids=torch.tensor(positions, device=self.device).unsqueeze(1),
                         use_cache=False, squeeze=read, logits_to_keep=1, **{self._cache_arg: None},
                     ).logits[:, -1]
                     read.dyn.end()
                 read.end_step()
-                tokens = [None if done[b] else samplers[b](logits[b]) for b in range(n)]
+                tokens = {b: samplers[b](logits[i]) for i, b in enumerate(fed) if not done[b]}
             steps += 1
-            for b, token in enumerate(tokens):
-                if token is not None:
-                    take(b, token)
+            for b, token in tokens.items():
+                take(b, token)
         answers = []
         with self._device_lock.shared():
             for b in range(n):

@@ -110,6 +110,16 @@ def test_row_tokens_keep_each_row_apart():
     for row, slot in enumerate((2, 4, 1)):
         assert bool((keys[row, :, slot] == 10 + row).all()) and bool((values[row, :, slot] == -10 - row).all())
         assert bool((keys[row, :, :slot] == row + 1).all())
+    # a step of the rows still decoding (in the forward's order), the finished one left as it is
+    store.begin(rows=[2, 0])
+    k = torch.tensor([20.0, 30.0]).view(2, 1, 1, 1).expand(2, 2, 1, 4)
+    keys, values, dyn_len = store.append(0, k, -k)
+    store.end()
+    assert store.lens == [4, 5, 3] and dyn_len.tolist() == [3, 4] and keys.shape == (2, 2, 4, 4)
+    assert bool((keys[0, :, 2] == 20).all()) and bool((keys[1, :, 3] == 30).all())
+    assert bool((store.keys[0][1, :, :5] == torch.tensor([2, 2, 2, 2, 11.0]).view(1, 5, 1)).all())  # row 1 as it was
+    with pytest.raises(ValueError, match="some rows"):
+        store.begin(rows=[0, 3])
     with pytest.raises(ValueError, match="do not fit"):
         store.begin_row(1, 4)
     with pytest.raises(IndexError):
