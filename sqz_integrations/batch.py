@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .corpus import SqueezedCorpus
-from .selection import CorpusRead, ReadPlan
+from .selection import CorpusRead, ReadPlan, kept_sums
 
 
 class RowTokens:
@@ -311,18 +311,14 @@ class RowRead:
     def __init__(self, batch: BatchRead, row: int):
         self.corpus = batch.corpus
         self.steps = list(batch.row_steps[row])
-        keys = batch.row_keys[:, row].tolist()
-        self._sums = [(k + s * layer.n_always) / layer.keys.shape[1]
-                      for k, s, layer in zip(keys, self.steps, batch.corpus.layers)]
+        self._sums = kept_sums(batch.row_keys[:, row].tolist(), self.steps, batch.corpus.layers)
         self.centroids_scored = batch.row_scored_host[row] + float(batch.row_scored_dev[row])
         self.doc_mass = batch.row_mass[row]
 
-    def kept_per_layer(self) -> list[float]:
-        return [k / s if s else 0.0 for k, s in zip(self._sums, self.steps)]
+    def _kept_sums(self) -> list[float]:
+        return self._sums
 
-    def kept_fraction(self) -> float:
-        total = sum(self.steps)
-        return sum(self._sums) / total if total else 0.0
-
-    def commit(self) -> None:
-        self.corpus.reads.add(self._sums, list(self.steps))
+    # CorpusRead's read-out, over this row's sums and steps
+    kept_per_layer = CorpusRead.kept_per_layer
+    kept_fraction = CorpusRead.kept_fraction
+    commit = CorpusRead.commit

@@ -70,6 +70,12 @@ def copy_pins(layer, q: torch.Tensor, dyn_k: torch.Tensor, scale: float, focus: 
     return reference.select_clusters(pin_share[None], log_sizes, budget_keys=cap_keys)[0] & pinned
 
 
+def kept_sums(keys_per_head: list[float], steps: list[int], layers) -> list[float]:
+    """Per layer, the kept fraction summed over steps: the clustered keys read per (row, KV head) over the steps,
+    plus the always-read keys at every step, over the layer's keys."""
+    return [(k + s * layer.n_always) / layer.keys.shape[1] for k, s, layer in zip(keys_per_head, steps, layers)]
+
+
 def _rows(pins: torch.Tensor) -> torch.Tensor:
     """Pins as ``(batch | 1, KVH, C)``: one set for every row gets a batch dimension of 1."""
     return pins[None] if pins.dim() == 2 else pins
@@ -363,9 +369,8 @@ class CorpusRead:
 
     def _kept_sums(self) -> list[float]:
         """Per layer, the kept fraction summed over steps (one device read)."""
-        layers = self.corpus.layers
-        return [(k / r + s * layer.n_always) / layer.keys.shape[1]
-                for k, r, s, layer in zip(self.selected_keys.tolist(), self._rows, self.steps, layers)]
+        per_head = [k / r for k, r in zip(self.selected_keys.tolist(), self._rows)]
+        return kept_sums(per_head, self.steps, self.corpus.layers)
 
     def kept_per_layer(self) -> list[float]:
         return [k / s if s else 0.0 for k, s in zip(self._kept_sums(), self.steps)]
