@@ -369,6 +369,27 @@ def check_copy_pins_fused(w: World, monkeypatch) -> None:
 NEAR_TIE = 0.1
 
 
+def count_graph_steps(monkeypatch, batches_only: bool = False) -> tuple[list[int], list[int]]:
+    """``(replays, captures)``: one-element counters of ``decode_graph.GraphedStep`` replays (with
+    ``batches_only``, of steps of several rows only) and captures from now on (the caller resets them)."""
+    from sqz_integrations import decode_graph
+
+    replays, captures = [0], [0]
+    replay, capture = decode_graph.GraphedStep.__call__, decode_graph.GraphedStep.__init__
+
+    def counted(self, token, position):
+        replays[0] += not batches_only or isinstance(token, list)
+        return replay(self, token, position)
+
+    def counted_capture(self, *args, **kwargs):
+        captures[0] += 1
+        capture(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
+    monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
+    return replays, captures
+
+
 def with_margins(monkeypatch, call):
     """``(call(), margins)``: per sampler, in the order they first sample (one per answer, or per batch row), the
     top-2 logit margin of every token it picked."""
@@ -469,22 +490,8 @@ def test_cuda_graph_decode_matches_eager(world, monkeypatch):
     flat and hierarchical. The first answer captures (replays from its third token); a second one of the same
     kind, another question, takes that graph from the pool (no capture, replays from its second token) with its
     own copy pins and counters."""
-    from sqz_integrations import decode_graph
-
     e = world.engine
-    replays, captures = [0], [0]
-    replay, capture = decode_graph.GraphedStep.__call__, decode_graph.GraphedStep.__init__
-
-    def counted(self, token, position):
-        replays[0] += 1
-        return replay(self, token, position)
-
-    def counted_capture(self, *args, **kwargs):
-        captures[0] += 1
-        capture(self, *args, **kwargs)
-
-    monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
-    monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
+    replays, captures = count_graph_steps(monkeypatch)
     assert e.cuda_graph_error is None  # no capture of the earlier tests failed either
     answered = {}
     for corpus, hier in ((world.flat, False), (world.hier, True)):
@@ -544,21 +551,7 @@ def test_batch_answers_on_triton(world, monkeypatch):
     """``answer_batch`` through the Triton kernels (each row its own count of dynamic keys, its own copy pins through
     the unfused lookup), its steps replayed from a CUDA graph after the first two, gives every row the greedy
     tokens of a single eager answer, flat and hierarchical."""
-    from sqz_integrations import decode_graph
-
-    replays, captures = [0], [0]
-    replay, capture = decode_graph.GraphedStep.__call__, decode_graph.GraphedStep.__init__
-
-    def counted(self, token, position):
-        replays[0] += isinstance(token, list)
-        return replay(self, token, position)
-
-    def counted_capture(self, *args, **kwargs):
-        captures[0] += 1
-        capture(self, *args, **kwargs)
-
-    monkeypatch.setattr(decode_graph.GraphedStep, "__call__", counted)
-    monkeypatch.setattr(decode_graph.GraphedStep, "__init__", counted_capture)
+    replays, captures = count_graph_steps(monkeypatch, batches_only=True)
     e = world.engine
     prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
     for corpus, hier in ((world.flat, False), (world.hier, True)):
