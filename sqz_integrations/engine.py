@@ -27,6 +27,7 @@ from sqz_kernels import get_backend
 from . import attention, decode_graph, head_probe, storage
 from .batch import BatchRead
 from .calibration import Calibration
+from .coalesce import Coalescer
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
 from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
@@ -47,6 +48,13 @@ _READ_OPTIONS = ("kv_budget", "hierarchical", "selection", "question_budget")
 _KEY_CHECK_TOLERANCE = 0.1
 
 
+def _check_options(kwargs: dict, name: str) -> None:
+    """The keyword arguments of :meth:`SqueezedEngine.stream_answer` (sampling and read options) and no other."""
+    unknown = sorted(set(kwargs) - {"temperature", "top_p", "stop", "seed", *_READ_OPTIONS})
+    if unknown:
+        raise TypeError(f"{name}() got unexpected keyword arguments {unknown}")
+
+
 class SqueezedEngine:
     """One model in memory serving any number of squeezed corpora.
 
@@ -54,9 +62,13 @@ class SqueezedEngine:
         model: a transformers causal LM (any family that uses the attention registry).
         tokenizer: its tokenizer; the chat template, if any, places the corpus.
         config: how corpora are squeezed and read (:class:`SqueezeConfig`).
+        max_coalesced: concurrent :meth:`answer` calls (threads; LangChain's ``batch``, LlamaIndex's async
+            calls) on the same corpus with the same settings are answered together as one
+            :meth:`answer_batch` of up to this many rows (:mod:`~sqz_integrations.coalesce`); ``1`` answers
+            every call alone.
     """
 
-    def __init__(self, model, tokenizer, config: SqueezeConfig | None = None):
+    def __init__(self, model, tokenizer, config: SqueezeConfig | None = None, *, max_coalesced: int = 8):
         self.config = config or SqueezeConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -73,11 +85,14 @@ class SqueezedEngine:
         self.cuda_graph_error: str | None = None
         self._device_lock = decode_graph.DeviceLock()
         self._graph_pool = decode_graph.GraphPool()  # captured decode steps, reused by later answers
+        self._coalescer = Coalescer(self._answer_tickets, max_rows=1)
+        self.max_coalesced = max_coalesced
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path: str | None = None, *, config: SqueezeConfig | None = None, **hf_kwargs
+        cls, model_name_or_path: str | None = None, *, config: SqueezeConfig | None = None, max_coalesced: int = 8,
+        **hf_kwargs,
     ) -> "SqueezedEngine":
         """Load a causal LM and its tokenizer; with no name, the embedded SmolLM2-135M-Instruct.
 
@@ -91,7 +106,18 @@ class SqueezedEngine:
             model_name_or_path = str(default_model_dir())
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **hf_kwargs)
-        return cls(model, tokenizer, config)
+        return cls(model, tokenizer, config, max_coalesced=max_coalesced)
+
+    @property
+    def max_coalesced(self) -> int:
+        """Most concurrent :meth:`answer` calls answered together as one batch (1: each alone)."""
+        return self._coalescer.max_rows
+
+    @max_coalesced.setter
+    def max_coalesced(self, rows: int) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"max_coalesced must be a positive integer, got {rows!r}")
+        self._coalescer.max_rows = rows
 
     @property
     def device(self) -> torch.device:
@@ -540,11 +566,35 @@ class SqueezedEngine:
         return AnswerStream(self._events(prompt, corpus, params, kv_budget, hierarchical, selection, question_budget))
 
     def answer(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Answer:
-        """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments)."""
-        stream = self.stream_answer(prompt, corpus, max_new_tokens, **kwargs)
-        for _ in stream:
-            pass
-        return stream.answer
+        """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments).
+
+        Calls made concurrently from several threads on the same corpus with the same arguments are answered
+        together as one :meth:`answer_batch` (see ``max_coalesced``); the times of each :class:`Answer` count
+        from its own call.
+        """
+        _check_options(kwargs, "answer")
+        params = SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
+                                tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
+        self.get_corpus(corpus)
+        self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
+        return self._coalescer.submit((corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS)), prompt)
+
+    def _answer_tickets(self, key, tickets: list) -> list[Answer]:
+        """The coalescer's batch: one call alone through :meth:`stream_answer`, several through :meth:`answer_batch`."""
+        corpus, params, read_options = key
+        options = dict(zip(_READ_OPTIONS, read_options), temperature=params.temperature, top_p=params.top_p,
+                       stop=params.stop, seed=params.seed)
+        start = time.perf_counter()
+        if len(tickets) == 1:
+            stream = self.stream_answer(tickets[0].item, corpus, params.max_new_tokens, **options)
+            for _ in stream:
+                pass
+            answers = [stream.answer]
+        else:
+            answers = self.answer_batch([t.item for t in tickets], corpus, params.max_new_tokens, **options)
+        # the answers count from the batch's start; each call waited (start - submitted) for it
+        return [dataclasses.replace(a, time_to_first_token=a.time_to_first_token + start - t.submitted,
+                                    total_time=a.total_time + start - t.submitted) for a, t in zip(answers, tickets)]
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
         """The answer's text (see :meth:`stream_answer` for the arguments)."""
@@ -568,9 +618,7 @@ class SqueezedEngine:
         """
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
-        unknown = sorted(set(kwargs) - {"temperature", "top_p", "stop", "seed", *_READ_OPTIONS})
-        if unknown:
-            raise TypeError(f"answer_batch() got unexpected keyword arguments {unknown}")
+        _check_options(kwargs, "answer_batch")
         params = SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
                                 tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
         kv_budget, hierarchical, selection, question_budget = (kwargs.get(k) for k in _READ_OPTIONS)

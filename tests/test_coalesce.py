@@ -1,0 +1,202 @@
+"""Concurrent ``answer`` calls answered together (``sqz_integrations.coalesce``, ``SqueezedEngine.answer``)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import random_text
+from sqz_integrations import SqueezeConfig
+from sqz_integrations.coalesce import Coalescer
+
+DOCS = [random_text(120, seed=4), random_text(100, seed=5)]
+QUESTIONS = ["Which word comes after river?", "Name a colour.", "What is the first word of the second document?",
+             "Say something about lamps, please, in one short sentence."]
+
+
+class BlockingRun:
+    """A batch function that records every batch and holds it until released, so that the calls submitted
+    meanwhile queue up: which calls share a batch is then certain, not a matter of timing."""
+
+    def __init__(self, fail_on=None):
+        self.batches: list[tuple] = []
+        self.release = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, key, tickets):
+        self.batches.append((key, [t.item for t in tickets]))
+        assert self.release.wait(10)
+        if self.fail_on in [t.item for t in tickets]:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [(key, t.item) for t in tickets]
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def submit_all(coalescer, run, calls):
+    """Submits the calls one at a time (each one queued or running before the next), while the batches are
+    held: the first call of each key leads a batch at once, the others queue; then the batches are released."""
+
+    def placed():  # calls queued or in a recorded batch
+        return sum(map(len, coalescer._queues.values())) + sum(len(items) for _, items in run.batches)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = []
+        for call in calls:
+            futures.append(pool.submit(coalescer.submit, *call))
+            wait_for(lambda: placed() == len(futures))
+        run.release.set()
+        return [f.exception() or f.result() for f in futures]
+
+
+def test_calls_queued_behind_a_batch_run_as_batches_of_at_most_max_rows():
+    run = BlockingRun()
+    coalescer = Coalescer(run, max_rows=3, gather_window_s=-1.0)  # no gathering: the queues decide
+    calls = [("k", i) for i in range(6)]
+    results = submit_all(coalescer, run, calls)
+    assert results == [("k", i) for i in range(6)]  # each call gets its own item's result
+    assert [items for _, items in run.batches] == [[0], [1, 2, 3], [4, 5]]  # in arrival order
+    assert coalescer._queues == {}  # no leader left behind
+
+
+def test_different_keys_never_share_a_batch():
+    run = BlockingRun()
+    coalescer = Coalescer(run, max_rows=8, gather_window_s=-1.0)  # no gathering: the queues decide
+    results = submit_all(coalescer, run, [("a", 0), ("a", 1), ("b", 2), ("a", 3), ("b", 4)])
+    assert results == [("a", 0), ("a", 1), ("b", 2), ("a", 3), ("b", 4)]
+    batches = sorted((key, items) for key, items in run.batches)
+    assert batches == [("a", [0]), ("a", [1, 3]), ("b", [2]), ("b", [4])]
+
+
+def test_a_failed_batch_fails_its_own_calls_only():
+    run = BlockingRun(fail_on=2)
+    coalescer = Coalescer(run, max_rows=2, gather_window_s=-1.0)  # no gathering: the queues decide
+    results = submit_all(coalescer, run, [("k", i) for i in range(5)])
+    assert results[0] == ("k", 0)
+    assert [str(r) for r in results[1:3]] == ["bad item 2", "bad item 2"]  # the batch [1, 2]
+    assert results[3:] == [("k", 3), ("k", 4)]  # the next batch still runs
+    assert coalescer._queues == {}
+
+
+def test_a_lone_call_runs_alone_at_once_and_a_wrong_result_count_is_an_error():
+    coalescer = Coalescer(lambda key, tickets: [t.item * 2 for t in tickets], max_rows=4, gap_s=1.0)
+    start = time.perf_counter()
+    assert coalescer.submit("k", 21) == 42
+    assert time.perf_counter() - start < 0.5  # no call has overlapped: no gathering gap
+    coalescer._last_overlap = time.perf_counter()  # calls overlapped just now: a lone call waits one gap
+    start = time.perf_counter()
+    assert coalescer.submit("k", 2) == 4
+    assert time.perf_counter() - start >= 1.0
+    broken = Coalescer(lambda key, tickets: [], max_rows=4)
+    with pytest.raises(RuntimeError, match="returned 0 results"):
+        broken.submit("k", 1)
+    with pytest.raises(ValueError, match="max_rows"):
+        Coalescer(lambda key, tickets: [], max_rows=0)
+
+
+@pytest.fixture
+def coalescing_engine(make_tiny_engine, monkeypatch):
+    """A tiny engine whose answer_batch calls are recorded, and whose coalescer gathers for up to 0.5 s
+    (so that threads started together join one batch even on a loaded machine)."""
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    engine.add_corpus("docs", DOCS, progress=False)
+    engine._coalescer.gap_s, engine._coalescer.max_wait_s = 0.1, 0.5
+    engine._coalescer.gather_window_s = float("inf")  # gather from the first call on
+    batches = []
+    answer_batch = engine.answer_batch
+
+    def recorded(prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        return answer_batch(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "answer_batch", recorded)
+    return engine, batches
+
+
+def test_concurrent_answers_are_one_batch_with_each_call_its_own_answer(coalescing_engine):
+    engine, batches = coalescing_engine
+    single = [engine.answer(q, "docs", max_new_tokens=8) for q in QUESTIONS]
+    assert batches == []  # one call at a time: each alone
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def ask(q):
+        barrier.wait()
+        start = time.perf_counter()
+        return engine.answer(q, "docs", max_new_tokens=8), time.perf_counter() - start
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        together = list(pool.map(ask, QUESTIONS))
+    assert batches == [len(QUESTIONS)]
+    for a, (b, took) in zip(single, together):
+        assert b.token_ids == a.token_ids and b.text == a.text
+        assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=1e-9)
+        # counted from the call, the wait for the batch included
+        assert 0 < b.time_to_first_token <= b.total_time <= took
+
+
+def test_bad_calls_fail_alone_and_other_settings_do_not_join(coalescing_engine):
+    engine, batches = coalescing_engine
+    barrier = threading.Barrier(5)
+
+    def ask(args):
+        barrier.wait()
+        prompt, kwargs = args
+        try:
+            return engine.answer(prompt, "docs", max_new_tokens=6, **kwargs).text
+        except Exception as exc:  # noqa: BLE001 - the test looks at which calls fail
+            return exc
+
+    calls = [(QUESTIONS[0], {}), ([{"role": "wizard", "content": "hi"}], {}), (QUESTIONS[1], {}),
+             (QUESTIONS[2], {"kv_budget": 0.5}), (QUESTIONS[3], {"bogus": 1})]
+    with ThreadPoolExecutor(5) as pool:
+        out = list(pool.map(ask, calls))
+    assert isinstance(out[1], ValueError) and "wizard" in str(out[1])
+    assert isinstance(out[4], TypeError) and "bogus" in str(out[4])
+    assert out[0] == engine.answer(QUESTIONS[0], "docs", max_new_tokens=6).text
+    assert out[3] == engine.answer(QUESTIONS[2], "docs", max_new_tokens=6, kv_budget=0.5).text
+    assert batches == [2]  # questions 0 and 1 at the default settings; the kv_budget=0.5 call alone
+
+
+def test_max_coalesced_one_answers_every_call_alone(make_tiny_engine, monkeypatch):
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_coalesced"):
+            type(engine)(engine.model, engine.tokenizer, engine.config, max_coalesced=bad)
+    with pytest.raises(ValueError, match="max_coalesced"):
+        engine.max_coalesced = 0
+    alone = type(engine)(engine.model, engine.tokenizer, engine.config, max_coalesced=1)
+    alone.add_corpus("docs", DOCS, progress=False)
+    monkeypatch.setattr(alone, "answer_batch", lambda *a, **k: pytest.fail("answer_batch with max_coalesced=1"))
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda q: alone.answer(q, "docs", max_new_tokens=4).text, QUESTIONS[:3]))
+    assert len(texts) == 3
+
+
+def test_langchain_batch_and_llama_index_gather_join_batches(coalescing_engine):
+    """No adapter code: LangChain's batch/abatch run invoke in threads, LlamaIndex's async calls run the engine in
+    threads, and the engine's coalescer answers them together."""
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from sqz_integrations.langchain import ChatSqueezed
+    from sqz_integrations.llama_index import SqueezedLLM
+
+    engine, batches = coalescing_engine
+    single = [engine.answer(q, "docs", max_new_tokens=8).text for q in QUESTIONS]
+    llm = ChatSqueezed(engine=engine, corpus="docs", max_new_tokens=8)
+    assert [m.content for m in llm.batch(QUESTIONS, config={"max_concurrency": 4})] == single
+    assert [m.content for m in asyncio.run(llm.abatch(QUESTIONS, config={"max_concurrency": 4}))] == single
+    li = SqueezedLLM(engine=engine, corpus="docs", max_new_tokens=8)
+
+    async def gather():
+        return await asyncio.gather(*(li.acomplete(q) for q in QUESTIONS))
+
+    assert [r.text for r in asyncio.run(gather())] == single
+    assert batches[:2] == [4, 4] and sum(batches[2:]) >= 2, batches
