@@ -22,7 +22,9 @@ import datetime as dt
 import json
 import platform
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -337,34 +339,70 @@ def profile_decode(engine: SqueezedEngine, budget: float, new_tokens: int, devic
 
 
 def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int, device: str) -> dict:
-    """``rows`` different questions answered one after the other (``engine.answer``: CUDA-graph decode on CUDA)
-    and together (``engine.answer_batch``: one eager forward per step for every row): tokens per second over the
-    whole set, and how many of the answers agree token for token (a batched GEMM may round a near-tie logit of the
-    random model the other way)."""
+    """``rows`` different questions answered one after the other (``engine.answer``: CUDA-graph decode on CUDA),
+    together (``engine.answer_batch``), and from ``rows`` threads at once calling ``engine.answer`` (as LangChain's
+    ``batch`` does): coalesced into batches by the engine, and each alone (``max_coalesced=1``, what concurrent calls
+    got before). Tokens per second over the whole set, the batch sizes the threads' calls were coalesced into,
+    and how many answers agree token for token with the one-by-one ones (a batched GEMM may round a near-tie logit
+    of the random model the other way)."""
     questions = [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})" for i in range(rows)]
     # once untimed: compiles the batch's kernels and (CUDA) leaves its step's graph in the pool, as a service
     # answering batches of this size would have it
     engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+    sizes: list[int] = []
+    answer_batch = engine.answer_batch
+
+    def counted(prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return answer_batch(prompts, *args, **kwargs)
+
+    def from_threads() -> list:
+        barrier = threading.Barrier(rows)
+
+        def ask(q):
+            barrier.wait()
+            return engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+
+        with ThreadPoolExecutor(rows) as pool:
+            return list(pool.map(ask, questions))
+
+    # and once from threads, untimed: a burst's first call starts alone (no call had overlapped before it); the
+    # timed burst below finds the engine gathering, as a service answering bursts would
+    from_threads()
     timings = {}
-    for way in ("one by one", "batch"):
-        sync(device)
-        t0 = time.perf_counter()
-        if way == "batch":
-            answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
-        else:
-            answers = [engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget) for q in questions]
-        sync(device)
-        seconds = time.perf_counter() - t0
-        tokens = sum(a.completion_tokens for a in answers)
-        timings[way] = dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                            ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
-    one, many = timings["one by one"], timings["batch"]
-    return dict(rows=rows, budget=budget, seconds_one_by_one=one["seconds"], seconds_batch=many["seconds"],
-                tokens_one_by_one=one["tokens"], tokens_batch=many["tokens"],
-                tokens_per_s_one_by_one=one["tokens_per_s"], tokens_per_s_batch=many["tokens_per_s"],
-                answers_equal=sum(a == b for a, b in zip(one["ids"], many["ids"])),
-                leading_equal=[leading_equal(a, b) for a, b in zip(one["ids"], many["ids"])],
-                kept_one_by_one=one["kept"], kept_batch=many["kept"])
+    engine.answer_batch = counted
+    try:
+        for way in ("one by one", "batch", "threads", "threads alone"):
+            sizes.clear()
+            engine.max_coalesced = 1 if way == "threads alone" else rows
+            sync(device)
+            t0 = time.perf_counter()
+            if way == "batch":
+                answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+            elif way.startswith("threads"):
+                answers = from_threads()
+            else:
+                answers = [engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget) for q in questions]
+            sync(device)
+            seconds = time.perf_counter() - t0
+            tokens = sum(a.completion_tokens for a in answers)
+            timings[way] = dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, batches=list(sizes),
+                                ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
+    finally:
+        del engine.answer_batch  # the instance attribute set above
+        engine.max_coalesced = rows
+    one = timings["one by one"]
+    out = dict(rows=rows, budget=budget, kept_one_by_one=one["kept"])
+    for way, t in timings.items():
+        tag = way.replace(" ", "_")
+        out.update({f"seconds_{tag}": t["seconds"], f"tokens_{tag}": t["tokens"], f"tokens_per_s_{tag}": t["tokens_per_s"]})
+        if way != "one by one":
+            out[f"equal_{tag}"] = sum(a == b for a, b in zip(one["ids"], t["ids"]))
+            out[f"leading_equal_{tag}"] = [leading_equal(a, b) for a, b in zip(one["ids"], t["ids"])]
+            out[f"kept_{tag}"] = t["kept"]
+        if way.startswith("threads"):
+            out[f"batches_{tag}"] = t["batches"]
+    return out
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -394,14 +432,20 @@ def markdown(meta: dict, records: list[dict]) -> str:
                          f"{s['per_token_ms']:.1f} | {s['kept_fraction']:.3f} |")
     batches = [(r["corpus_tokens"], b) for r in records for b in r.get("batch", {}).values()]
     if batches:
-        lines += ["", "Batches of different questions on one corpus: answered one by one (`answer`) and together "
-                  "(`answer_batch`); generated tokens per second over the whole set.", "",
-                  "| corpus tokens | budget | questions | one by one tok/s | batch tok/s | speed-up | answers equal |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Different questions on one corpus, generated tokens per second over the whole set: one by one "
+                  "(`answer`); together (`answer_batch`); from as many threads at once calling `answer` (as LangChain's "
+                  "`batch` does), coalesced by the engine into the batches listed, and each alone (`max_coalesced=1`). "
+                  "Answers equal: token for token with one by one.", "",
+                  "| corpus tokens | budget | questions | one by one tok/s | batch tok/s | threads tok/s (batches) "
+                  "| threads alone tok/s | batch speed-up | threads speed-up | answers equal (batch / threads) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n, b in batches:
-            lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {b['tokens_per_s_one_by_one']:.1f} | "
-                         f"{b['tokens_per_s_batch']:.1f} | {b['tokens_per_s_batch'] / b['tokens_per_s_one_by_one']:.2f}x "
-                         f"| {b['answers_equal']}/{b['rows']} |")
+            one = b["tokens_per_s_one_by_one"]
+            lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {one:.1f} | {b['tokens_per_s_batch']:.1f} | "
+                         f"{b['tokens_per_s_threads']:.1f} ({'+'.join(map(str, b['batches_threads'])) or '-'}) | "
+                         f"{b['tokens_per_s_threads_alone']:.1f} | {b['tokens_per_s_batch'] / one:.2f}x | "
+                         f"{b['tokens_per_s_threads'] / one:.2f}x | {b['equal_batch']}/{b['rows']} / "
+                         f"{b['equal_threads']}/{b['rows']} |")
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:
