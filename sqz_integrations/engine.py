@@ -27,7 +27,7 @@ from sqz_kernels import get_backend
 from . import attention, decode_graph, head_probe, storage
 from .batch import BatchRead
 from .calibration import Calibration
-from .coalesce import Coalescer
+from .coalesce import Coalescer, Ticket
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
 from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
@@ -65,7 +65,7 @@ class SqueezedEngine:
         max_coalesced: concurrent :meth:`answer` calls (threads; LangChain's ``batch``, LlamaIndex's async
             calls) on the same corpus with the same settings are answered together as one
             :meth:`answer_batch` of up to this many rows (:mod:`~sqz_integrations.coalesce`); ``1`` answers
-            every call alone.
+            every call alone, in its own thread.
     """
 
     def __init__(self, model, tokenizer, config: SqueezeConfig | None = None, *, max_coalesced: int = 8):
@@ -577,7 +577,10 @@ class SqueezedEngine:
                                 tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
         self.get_corpus(corpus)
         self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
-        return self._coalescer.submit((corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS)), prompt)
+        key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
+        if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
+            return self._answer_tickets(key, [Ticket(prompt)])[0]
+        return self._coalescer.submit(key, prompt)
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer]:
         """The coalescer's batch: one call alone through :meth:`stream_answer`, several through :meth:`answer_batch`."""

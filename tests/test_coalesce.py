@@ -174,10 +174,13 @@ def test_max_coalesced_one_answers_every_call_alone(make_tiny_engine, monkeypatc
         engine.max_coalesced = 0
     alone = type(engine)(engine.model, engine.tokenizer, engine.config, max_coalesced=1)
     alone.add_corpus("docs", DOCS, progress=False)
+    single = [alone.answer(q, "docs", max_new_tokens=4).text for q in QUESTIONS[:3]]
+    # each call in its own thread, none queued behind another
     monkeypatch.setattr(alone, "answer_batch", lambda *a, **k: pytest.fail("answer_batch with max_coalesced=1"))
+    monkeypatch.setattr(alone._coalescer, "submit", lambda *a, **k: pytest.fail("queued with max_coalesced=1"))
     with ThreadPoolExecutor(3) as pool:
         texts = list(pool.map(lambda q: alone.answer(q, "docs", max_new_tokens=4).text, QUESTIONS[:3]))
-    assert len(texts) == 3
+    assert texts == single
 
 
 def test_langchain_batch_and_llama_index_gather_join_batches(coalescing_engine):
