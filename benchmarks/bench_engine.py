@@ -390,7 +390,7 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
                                 ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
     finally:
         del engine.answer_batch  # the instance attribute set above
-        engine.max_coalesced = rows
+        engine.max_coalesced = None  # the default again
     one = timings["one by one"]
     out = dict(rows=rows, budget=budget, kept_one_by_one=one["kept"])
     for way, t in timings.items():

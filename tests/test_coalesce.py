@@ -108,6 +108,8 @@ def coalescing_engine(make_tiny_engine, monkeypatch):
     (so that threads started together join one batch even on a loaded machine)."""
     engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
     engine.add_corpus("docs", DOCS, progress=False)
+    assert engine.max_coalesced == 1  # the default on the CPU (where it measured no faster)
+    engine.max_coalesced = 8
     engine._coalescer.gap_s, engine._coalescer.max_wait_s = 0.1, 0.5
     engine._coalescer.gather_window_s = float("inf")  # gather from the first call on
     batches = []
@@ -172,6 +174,10 @@ def test_max_coalesced_one_answers_every_call_alone(make_tiny_engine, monkeypatc
             type(engine)(engine.model, engine.tokenizer, engine.config, max_coalesced=bad)
     with pytest.raises(ValueError, match="max_coalesced"):
         engine.max_coalesced = 0
+    engine.max_coalesced = 3
+    assert engine.max_coalesced == 3
+    engine.max_coalesced = None
+    assert engine.max_coalesced == 1  # CPU
     alone = type(engine)(engine.model, engine.tokenizer, engine.config, max_coalesced=1)
     alone.add_corpus("docs", DOCS, progress=False)
     single = [alone.answer(q, "docs", max_new_tokens=4).text for q in QUESTIONS[:3]]
