@@ -21,6 +21,8 @@ import copy
 import json
 import os
 import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -597,6 +599,35 @@ def test_batch_answers_on_triton(world, monkeypatch):
         assert alone[0].finish_reason == "stop" or stop == ["\x00"]
         for i, m in zip(parted, margins):
             assert i is None or m[i] < NEAR_TIE
+
+
+def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
+    """On CUDA the default ``max_coalesced`` (8) answers concurrent ``answer`` calls as one batch: threads started
+    together are one ``answer_batch`` and get the tokens that ``answer_batch`` gives the same questions."""
+    e = world.engine
+    assert e.max_coalesced == 8
+    # gather from the first burst on, with room for a loaded machine (by default the first call of a burst runs alone)
+    monkeypatch.setattr(e._coalescer, "gather_window_s", float("inf"))
+    monkeypatch.setattr(e._coalescer, "gap_s", 0.05)
+    monkeypatch.setattr(e._coalescer, "max_wait_s", 0.5)
+    prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please.", "Which document is longest?"]
+    kw = dict(max_new_tokens=12, kv_budget=BUDGET)
+    batched = e.answer_batch(prompts, world.flat, **kw)
+    sizes = []
+    answer_batch = e.answer_batch
+    monkeypatch.setattr(e, "answer_batch", lambda p, *a, **k: (sizes.append(len(p)), answer_batch(p, *a, **k))[1])
+    barrier = threading.Barrier(len(prompts))
+
+    def ask(prompt):
+        barrier.wait()
+        return e.answer(prompt, world.flat, **kw)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    _report(world=world.name, check="coalesced", batches=sizes,
+            equal=[a.token_ids == b.token_ids for a, b in zip(together, batched)])
+    assert sizes == [len(prompts)] and e.cuda_graph_error is None
+    assert [a.token_ids for a in together] == [b.token_ids for b in batched]
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
