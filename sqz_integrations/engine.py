@@ -48,11 +48,14 @@ _READ_OPTIONS = ("kv_budget", "hierarchical", "selection", "question_budget")
 _KEY_CHECK_TOLERANCE = 0.1
 
 
-def _check_options(kwargs: dict, name: str) -> None:
-    """The keyword arguments of :meth:`SqueezedEngine.stream_answer` (sampling and read options) and no other."""
+def _sampling_params(name: str, max_new_tokens: int, kwargs: dict) -> SamplingParams:
+    """The sampling settings of a call taking :meth:`SqueezedEngine.stream_answer`'s keyword arguments (sampling
+    and read options), refusing any other."""
     unknown = sorted(set(kwargs) - {"temperature", "top_p", "stop", "seed", *_READ_OPTIONS})
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword arguments {unknown}")
+    return SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
+                          tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
 
 
 class SqueezedEngine:
@@ -576,12 +579,10 @@ class SqueezedEngine:
         """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments).
 
         Calls made concurrently from several threads on the same corpus with the same arguments are answered
-        together as one :meth:`answer_batch` (see ``max_coalesced``); the times of each :class:`Answer` count
-        from its own call.
+        together as one :meth:`answer_batch` (by default on CUDA only; see ``max_coalesced``); the times of each
+        :class:`Answer` count from its own call.
         """
-        _check_options(kwargs, "answer")
-        params = SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
-                                tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
+        params = _sampling_params("answer", max_new_tokens, kwargs)
         self.get_corpus(corpus)
         self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
@@ -630,9 +631,7 @@ class SqueezedEngine:
         """
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
-        _check_options(kwargs, "answer_batch")
-        params = SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
-                                tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
+        params = _sampling_params("answer_batch", max_new_tokens, kwargs)
         kv_budget, hierarchical, selection, question_budget = (kwargs.get(k) for k in _READ_OPTIONS)
         c = self.get_corpus(corpus)
         suffixes = [self.layout.suffix_ids(p) for p in prompts]
