@@ -366,8 +366,10 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
         with ThreadPoolExecutor(rows) as pool:
             return list(pool.map(ask, questions))
 
-    # and once from threads, untimed: a burst's first call starts alone (no call had overlapped before it); the
-    # timed burst below finds the engine gathering, as a service answering bursts would
+    # and once from threads, coalesced (on the CPU too, where it is off by default), untimed: a burst's first call
+    # starts alone (no call had overlapped before it); the timed burst below finds the engine gathering, as a
+    # service answering bursts would
+    engine.max_coalesced = rows
     from_threads()
     timings = {}
     engine.answer_batch = counted
