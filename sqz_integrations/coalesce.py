@@ -73,7 +73,7 @@ class Coalescer:
             ticket.ready.wait()
             if not ticket.promoted:
                 return ticket.outcome()
-        self._lead(key)
+        self._lead(key, ticket)
         return ticket.outcome()
 
     def _gather(self, key: Hashable) -> None:
@@ -88,29 +88,33 @@ class Coalescer:
             seen = n
             time.sleep(self.gap_s)
 
-    def _lead(self, key: Hashable) -> None:
+    def _lead(self, key: Hashable, ticket: Ticket) -> None:
         # the leader's ticket is the oldest of the queue, so it is in the batch it runs
-        if time.perf_counter() - self._last_overlap <= self.gather_window_s:
-            self._gather(key)
-        with self._lock:
-            queue = self._queues[key]
-            batch, self._queues[key] = queue[: self.max_rows], queue[self.max_rows :]
+        batch = [ticket]
         try:
+            if time.perf_counter() - self._last_overlap <= self.gather_window_s:
+                self._gather(key)
+            with self._lock:
+                queue = self._queues[key]
+                batch, self._queues[key] = queue[: self.max_rows], queue[self.max_rows :]
             results = self._run(key, batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} calls returned {len(results)} results")
-            for ticket, result in zip(batch, results):
-                ticket.result = result
-        except BaseException as exc:  # every call of the batch sees its failure, none hangs
-            for ticket in batch:
-                ticket.error = exc
+            for member, result in zip(batch, results):
+                member.result = result
+        except BaseException as exc:  # every call of the batch sees its failure (an interrupt too), none hangs
+            for member in batch:
+                member.error = exc
         finally:
             with self._lock:
-                rest = self._queues[key]
+                # without the leader's own ticket, still queued if it was interrupted before taking its batch
+                rest = [t for t in self._queues[key] if t is not ticket]
                 if rest:
+                    self._queues[key] = rest
                     rest[0].promoted = True
                     rest[0].ready.set()
                 else:
                     del self._queues[key]
-            for ticket in batch[1:]:
-                ticket.ready.set()
+            for member in batch:
+                if member is not ticket:
+                    member.ready.set()

@@ -102,6 +102,21 @@ def test_a_lone_call_runs_alone_at_once_and_a_wrong_result_count_is_an_error():
         Coalescer(lambda key, tickets: [], max_rows=0)
 
 
+def test_a_leader_interrupted_before_its_batch_leaves_no_leaderless_queue():
+    coalescer = Coalescer(lambda key, tickets: [t.item for t in tickets], max_rows=4)
+    coalescer._last_overlap = time.perf_counter()  # so that the leader gathers first
+
+    def interrupted(key):
+        raise KeyboardInterrupt
+
+    coalescer._gather = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        coalescer.submit("k", 1)
+    assert coalescer._queues == {}  # else every later call of "k" would wait for a leader that is gone
+    del coalescer._gather
+    assert coalescer.submit("k", 2) == 2
+
+
 @pytest.fixture
 def coalescing_engine(make_tiny_engine, monkeypatch):
     """A tiny engine whose answer_batch calls are recorded, and whose coalescer gathers for up to 0.5 s
