@@ -224,8 +224,11 @@ class BatchRead(CorpusRead):
         return self._one if self.dyn.row is not None or self.dyn.live is not None else self._active_dev
 
     def _add_rows(self, total: torch.Tensor, per_row: torch.Tensor) -> None:
-        """``total`` ``(batch, ...)`` += ``per_row``, the current forward's rows (every row, or the fed ones)."""
-        if self.dyn.live is None:
+        """``total`` ``(batch, ...)`` += ``per_row``, the current forward's rows (one row read alone, every row, or
+        the fed ones)."""
+        if self.dyn.row is not None:
+            total[self.dyn.row] += per_row[0]
+        elif self.dyn.live is None:
             total += per_row
         else:
             total.index_add_(0, self.dyn._live_idx, per_row)
@@ -234,22 +237,15 @@ class BatchRead(CorpusRead):
         counts = self._cluster_sizes(layer_idx, layer)
         kvh = selected.shape[1]
         per_row = torch.sum(selected * counts, dim=(1, 2), dtype=torch.float64) / kvh * self._weights()
-        one = self.dyn.row
-        if one is not None:
-            self.row_keys[layer_idx, one] += per_row[0]
-        else:
-            self._add_rows(self.row_keys[layer_idx], per_row)
+        self._add_rows(self.row_keys[layer_idx], per_row)
         # centroids scored over a row's KV heads, as CorpusRead counts them (a read of everything scores none)
         per_step = 0.0
         if scores is not None and self.plan.hierarchical:
-            scored = torch.isfinite(scores).sum(dim=(1, 2)).double() * self._weights()
-            if one is not None:
-                self.row_scored_dev[one] += scored[0]
-            else:
-                self._add_rows(self.row_scored_dev, scored)
+            self._add_rows(self.row_scored_dev, torch.isfinite(scores).sum(dim=(1, 2)).double() * self._weights())
             per_step = layer.l1_centroids.shape[0] * layer.l1_centroids.shape[1]
         elif scores is not None:
             per_step = scores.shape[1] * scores.shape[2]
+        one = self.dyn.row
         if one is not None or self.dyn._lengths is not None:  # a question read, of one row or of every row
             for b in ([one] if one is not None else range(self.batch)):
                 self.row_steps[b][layer_idx] += 1
