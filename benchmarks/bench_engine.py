@@ -350,11 +350,11 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     # answering batches of this size would have it
     engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
     sizes: list[int] = []
-    answer_batch = engine.answer_batch
+    answer_rows = engine._answer_rows  # what answer_batch and the coalescer run
 
-    def counted(prompts, *args, **kwargs):
-        sizes.append(len(prompts))
-        return answer_batch(prompts, *args, **kwargs)
+    def counted(suffixes, *args, **kwargs):
+        sizes.append(len(suffixes))
+        return answer_rows(suffixes, *args, **kwargs)
 
     def from_threads() -> list:
         barrier = threading.Barrier(rows)
@@ -372,7 +372,7 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     engine.max_coalesced = rows
     from_threads()
     timings = {}
-    engine.answer_batch = counted
+    engine._answer_rows = counted
     try:
         for way in ("one by one", "batch", "threads", "threads alone"):
             sizes.clear()
@@ -391,7 +391,7 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
             timings[way] = dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, batches=list(sizes),
                                 ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
     finally:
-        del engine.answer_batch  # the instance attribute set above
+        del engine._answer_rows  # the instance attribute set above
         engine.max_coalesced = None  # the default again
     one = timings["one by one"]
     out = dict(rows=rows, budget=budget, kept_one_by_one=one["kept"])

@@ -476,12 +476,11 @@ class SqueezedEngine:
 
     @torch.inference_mode()
     def _events(
-        self, prompt: Prompt, corpus: str, params: SamplingParams, kv_budget, hierarchical, selection, question_budget
+        self, suffix: list[int], corpus: str, params: SamplingParams, kv_budget, hierarchical, selection, question_budget
     ) -> Iterator:
-        """Yields text pieces, then the :class:`Answer`."""
+        """Yields text pieces, then the :class:`Answer`, of the question whose dynamic token ids are ``suffix``."""
         start = time.perf_counter()
         c = self.get_corpus(corpus)
-        suffix = self.layout.suffix_ids(prompt)
         slot = None
         with self._device_lock.shared():
             plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
@@ -573,7 +572,8 @@ class SqueezedEngine:
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
         self.get_corpus(corpus)  # fail now, not at the first iteration
-        return AnswerStream(self._events(prompt, corpus, params, kv_budget, hierarchical, selection, question_budget))
+        suffix = self.layout.suffix_ids(prompt)
+        return AnswerStream(self._events(suffix, corpus, params, kv_budget, hierarchical, selection, question_budget))
 
     def answer(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Answer:
         """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments).
@@ -584,27 +584,26 @@ class SqueezedEngine:
         """
         params = _sampling_params("answer", max_new_tokens, kwargs)
         self.get_corpus(corpus)
-        self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
+        suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
         rows = self.max_coalesced
         if rows == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            return self._answer_tickets(key, [Ticket(prompt)])[0]
+            return self._answer_tickets(key, [Ticket(suffix)])[0]
         self._coalescer.max_rows = rows
-        return self._coalescer.submit(key, prompt)
+        return self._coalescer.submit(key, suffix)
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer]:
-        """The coalescer's batch: one call alone through :meth:`stream_answer`, several through :meth:`answer_batch`."""
+        """The coalescer's batch of questions (their dynamic token ids): one call alone through the stream path,
+        several as a batch."""
         corpus, params, read_options = key
-        options = dict(zip(_READ_OPTIONS, read_options), temperature=params.temperature, top_p=params.top_p,
-                       stop=params.stop, seed=params.seed)
         start = time.perf_counter()
         if len(tickets) == 1:
-            stream = self.stream_answer(tickets[0].item, corpus, params.max_new_tokens, **options)
+            stream = AnswerStream(self._events(tickets[0].item, corpus, params, *read_options))
             for _ in stream:
                 pass
             answers = [stream.answer]
         else:
-            answers = self.answer_batch([t.item for t in tickets], corpus, params.max_new_tokens, **options)
+            answers = self._answer_rows([t.item for t in tickets], corpus, params, *read_options)
         # the answers count from the batch's start; each call waited (start - submitted) for it
         return [dataclasses.replace(a, time_to_first_token=a.time_to_first_token + start - t.submitted,
                                     total_time=a.total_time + start - t.submitted) for a, t in zip(answers, tickets)]
@@ -617,7 +616,6 @@ class SqueezedEngine:
         """Text pieces as they are decoded (see :meth:`stream_answer` for the arguments)."""
         yield from self.stream_answer(prompt, corpus, max_new_tokens, **kwargs)
 
-    @torch.inference_mode()
     def answer_batch(self, prompts: Sequence[Prompt], corpus: str, max_new_tokens: int = 256, **kwargs) -> list[Answer]:
         """Answer several questions on one corpus together; one :class:`Answer` per prompt, in order.
 
@@ -632,11 +630,16 @@ class SqueezedEngine:
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
         params = _sampling_params("answer_batch", max_new_tokens, kwargs)
-        kv_budget, hierarchical, selection, question_budget = (kwargs.get(k) for k in _READ_OPTIONS)
-        c = self.get_corpus(corpus)
+        self.get_corpus(corpus)
         suffixes = [self.layout.suffix_ids(p) for p in prompts]
-        if not suffixes:
-            return []
+        return self._answer_rows(suffixes, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if suffixes else []
+
+    @torch.inference_mode()
+    def _answer_rows(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
+                     selection, question_budget) -> list[Answer]:
+        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes``."""
+        c = self.get_corpus(corpus)
+        max_new_tokens = params.max_new_tokens
         start = time.perf_counter()
         n = len(suffixes)
         slot = None

@@ -119,7 +119,7 @@ def test_a_leader_interrupted_before_its_batch_leaves_no_leaderless_queue():
 
 @pytest.fixture
 def coalescing_engine(make_tiny_engine, monkeypatch):
-    """A tiny engine whose answer_batch calls are recorded, and whose coalescer gathers for up to 0.5 s
+    """A tiny engine whose batches (``_answer_rows``, what answer_batch and the coalescer run) are recorded, and whose coalescer gathers for up to 0.5 s
     (so that threads started together join one batch even on a loaded machine)."""
     engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
     engine.add_corpus("docs", DOCS, progress=False)
@@ -128,13 +128,13 @@ def coalescing_engine(make_tiny_engine, monkeypatch):
     engine._coalescer.gap_s, engine._coalescer.max_wait_s = 0.1, 0.5
     engine._coalescer.gather_window_s = float("inf")  # gather from the first call on
     batches = []
-    answer_batch = engine.answer_batch
+    answer_rows = engine._answer_rows
 
-    def recorded(prompts, *args, **kwargs):
-        batches.append(len(prompts))
-        return answer_batch(prompts, *args, **kwargs)
+    def recorded(suffixes, *args, **kwargs):
+        batches.append(len(suffixes))
+        return answer_rows(suffixes, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "answer_batch", recorded)
+    monkeypatch.setattr(engine, "_answer_rows", recorded)
     return engine, batches
 
 
@@ -197,7 +197,7 @@ def test_max_coalesced_one_answers_every_call_alone(make_tiny_engine, monkeypatc
     alone.add_corpus("docs", DOCS, progress=False)
     single = [alone.answer(q, "docs", max_new_tokens=4).text for q in QUESTIONS[:3]]
     # each call in its own thread, none queued behind another
-    monkeypatch.setattr(alone, "answer_batch", lambda *a, **k: pytest.fail("answer_batch with max_coalesced=1"))
+    monkeypatch.setattr(alone, "_answer_rows", lambda *a, **k: pytest.fail("a batch with max_coalesced=1"))
     monkeypatch.setattr(alone._coalescer, "submit", lambda *a, **k: pytest.fail("queued with max_coalesced=1"))
     with ThreadPoolExecutor(3) as pool:
         texts = list(pool.map(lambda q: alone.answer(q, "docs", max_new_tokens=4).text, QUESTIONS[:3]))

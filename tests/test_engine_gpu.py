@@ -614,8 +614,8 @@ def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
     kw = dict(max_new_tokens=12, kv_budget=BUDGET)
     batched = e.answer_batch(prompts, world.flat, **kw)
     sizes = []
-    answer_batch = e.answer_batch
-    monkeypatch.setattr(e, "answer_batch", lambda p, *a, **k: (sizes.append(len(p)), answer_batch(p, *a, **k))[1])
+    answer_rows = e._answer_rows  # what answer_batch and the coalescer run
+    monkeypatch.setattr(e, "_answer_rows", lambda p, *a, **k: (sizes.append(len(p)), answer_rows(p, *a, **k))[1])
     barrier = threading.Barrier(len(prompts))
 
     def ask(prompt):
