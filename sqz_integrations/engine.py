@@ -13,10 +13,11 @@ import dataclasses
 import inspect
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -58,6 +59,16 @@ def _sampling_params(name: str, max_new_tokens: int, kwargs: dict) -> SamplingPa
                           tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
 
 
+@dataclasses.dataclass(eq=False)
+class _Question:
+    """One call handed to the coalescer: its question's dynamic token ids and, for a stream, where its text
+    pieces go and whether its reader has left."""
+
+    suffix: list[int]
+    sink: Callable[[str], None] | None = None
+    cancelled: threading.Event | None = None
+
+
 class SqueezedEngine:
     """One model in memory serving any number of squeezed corpora.
 
@@ -65,13 +76,14 @@ class SqueezedEngine:
         model: a transformers causal LM (any family that uses the attention registry).
         tokenizer: its tokenizer; the chat template, if any, places the corpus.
         config: how corpora are squeezed and read (:class:`SqueezeConfig`).
-        max_coalesced: concurrent :meth:`answer` calls (threads; LangChain's ``batch``, LlamaIndex's async
-            calls) on the same corpus with the same settings are answered together as one
-            :meth:`answer_batch` of up to this many rows (:mod:`~sqz_integrations.coalesce`); ``1`` answers
-            every call alone, in its own thread. ``None`` (default): 8 on CUDA, 1 elsewhere. Measured (README):
-            on the H200, 8 threads coalesced gave 3.0-3.8x the tokens/s of one by one and ~4x that of the threads
-            each alone; on a 2-core CPU, coalesced threads were no faster than the threads each alone (7.6 / 7.6
-            tokens/s with one torch thread, 4.9 / 5.8 with two): torch ops run slower from a worker thread there.
+        max_coalesced: concurrent :meth:`answer` and :meth:`stream_answer` calls (threads; LangChain's
+            ``batch`` / ``abatch`` / ``astream``, LlamaIndex's async calls) on the same corpus with the same settings
+            are answered together as one :meth:`answer_batch` of up to this many rows
+            (:mod:`~sqz_integrations.coalesce`); ``1`` answers every call alone, in its own thread. ``None``
+            (default): 8 on CUDA, 1 elsewhere. Measured (README): on the H200, 8 threads coalesced gave 3.0-3.8x
+            the tokens/s of one by one and ~4x that of the threads each alone (8 streams: 2.9-3.5x one by one); on
+            a 2-core CPU, coalesced threads were no faster than the threads each alone (7.6 / 7.6 tokens/s with one
+            torch thread, 4.9 / 5.8 with two): torch ops run slower from a worker thread there.
     """
 
     def __init__(self, model, tokenizer, config: SqueezeConfig | None = None, *, max_coalesced: int | None = None):
@@ -569,11 +581,43 @@ class SqueezedEngine:
         ``prompt`` is a question or a list of chat messages (``{"role", "content"}``); the chat history
         is the dynamic part, the corpus is fixed. ``kv_budget``/``question_budget``/``hierarchical``/
         ``selection`` override the corpus's configuration for this call only. Decoding is greedy unless ``temperature > 0``.
+
+        Where calls are coalesced (``max_coalesced`` > 1, by default on CUDA), the stream's question joins the
+        batch of the calls made meanwhile with the same arguments, as :meth:`answer` does; its pieces come from the
+        thread that runs that batch, and closing the stream early ends its row at the batch's next step.
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
         self.get_corpus(corpus)  # fail now, not at the first iteration
         suffix = self.layout.suffix_ids(prompt)
-        return AnswerStream(self._events(suffix, corpus, params, kv_budget, hierarchical, selection, question_budget))
+        read_options = (kv_budget, hierarchical, selection, question_budget)
+        if self.max_coalesced > 1:
+            return AnswerStream(self._coalesced_events((corpus, params, read_options), suffix))
+        return AnswerStream(self._events(suffix, corpus, params, *read_options))
+
+    def _coalesced_events(self, key: tuple, suffix: list[int]) -> Iterator:
+        """The events of a stream whose question goes through the coalescer: a worker thread submits it (and may
+        lead its batch) while this generator hands on the pieces it is sent, then the Answer."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        question = _Question(suffix, sink=events.put, cancelled=threading.Event())
+
+        def submit() -> None:
+            try:
+                events.put(self._coalescer.submit(key, question))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the reader's thread
+                events.put(exc)
+
+        self._coalescer.max_rows = self.max_coalesced
+        threading.Thread(target=submit, name="sqz-stream", daemon=True).start()
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Answer):
+                    return
+        finally:
+            question.cancelled.set()  # a reader that stops early: its row ends (a finished one: no effect)
 
     def answer(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> Answer:
         """Generate a whole answer with its metadata (see :meth:`stream_answer` for the arguments).
@@ -588,25 +632,40 @@ class SqueezedEngine:
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
         rows = self.max_coalesced
         if rows == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            return self._answer_tickets(key, [Ticket(suffix)])[0]
+            return self._answer_tickets(key, [Ticket(_Question(suffix))])[0]
         self._coalescer.max_rows = rows
-        return self._coalescer.submit(key, suffix)
+        return self._coalescer.submit(key, _Question(suffix))
 
-    def _answer_tickets(self, key, tickets: list) -> list[Answer]:
-        """The coalescer's batch of questions (their dynamic token ids): one call alone through the stream path,
-        several as a batch."""
+    def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
+        """The coalescer's batch of questions (:class:`_Question`): one call alone through the stream path, several
+        as a batch; each stream's pieces go to its sink as they are decoded."""
         corpus, params, read_options = key
         start = time.perf_counter()
-        if len(tickets) == 1:
-            stream = AnswerStream(self._events(tickets[0].item, corpus, params, *read_options))
-            for _ in stream:
-                pass
-            answers = [stream.answer]
+        questions = [t.item for t in tickets]
+        if len(questions) == 1:
+            answers = [self._answer_alone(questions[0], corpus, params, read_options)]
         else:
-            answers = self._answer_rows([t.item for t in tickets], corpus, params, *read_options)
+            answers = self._answer_rows([q.suffix for q in questions], corpus, params, *read_options,
+                                        sinks=[q.sink for q in questions], cancelled=[q.cancelled for q in questions])
         # the answers count from the batch's start; each call waited (start - submitted) for it
-        return [dataclasses.replace(a, time_to_first_token=a.time_to_first_token + start - t.submitted,
-                                    total_time=a.total_time + start - t.submitted) for a, t in zip(answers, tickets)]
+        waited = [start - t.submitted for t in tickets]
+        return [a if a is None else dataclasses.replace(a, time_to_first_token=a.time_to_first_token + w,
+                                                        total_time=a.total_time + w) for a, w in zip(answers, waited)]
+
+    def _answer_alone(self, question: _Question, corpus: str, params: SamplingParams, read_options: tuple
+                      ) -> Answer | None:
+        """One question through the stream path, its pieces to its sink; None if its reader left first."""
+        events = self._events(question.suffix, corpus, params, *read_options)
+        answer = None
+        for event in events:
+            if isinstance(event, Answer):
+                answer = event
+            elif question.cancelled is not None and question.cancelled.is_set():
+                events.close()  # as when a caller stops iterating its own stream
+                break
+            elif question.sink is not None:
+                question.sink(event)
+        return answer
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
         """The answer's text (see :meth:`stream_answer` for the arguments)."""
@@ -634,10 +693,27 @@ class SqueezedEngine:
         suffixes = [self.layout.suffix_ids(p) for p in prompts]
         return self._answer_rows(suffixes, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if suffixes else []
 
-    @torch.inference_mode()
     def _answer_rows(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                     selection, question_budget) -> list[Answer]:
-        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes``."""
+                     selection, question_budget, *, sinks: list | None = None, cancelled: list | None = None
+                     ) -> list[Answer]:
+        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes``; ``sinks[b]`` (not None)
+        is handed row ``b``'s text pieces as they are decoded, and ``cancelled[b]`` (a ``threading.Event``, not
+        None) ends row ``b`` at the next step once it is set (see :meth:`_row_events`)."""
+        answers: list = [None] * len(suffixes)
+        for b, event in self._row_events(suffixes, corpus, params, kv_budget, hierarchical, selection, question_budget,
+                                         cancelled):
+            if isinstance(event, Answer):
+                answers[b] = event
+            elif event and sinks is not None and sinks[b] is not None:
+                sinks[b](event)
+        return answers
+
+    @torch.inference_mode()
+    def _row_events(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
+                    selection, question_budget, cancelled: list | None = None) -> Iterator[tuple[int, str | Answer]]:
+        """The batch of questions whose dynamic token ids are ``suffixes``: yields ``(row, text piece)`` as the
+        rows decode, then ``(row, Answer)`` for every row in order. A row whose ``cancelled[row]`` event is set
+        stops at the next step (finish reason ``"cancelled"``)."""
         c = self.get_corpus(corpus)
         max_new_tokens = params.max_new_tokens
         start = time.perf_counter()
@@ -656,17 +732,20 @@ class SqueezedEngine:
         finish, first_token, ended = ["length"] * n, [0.0] * n, [0.0] * n
         done, last = [False] * n, [0] * n
 
-        def take(b: int, token: int) -> None:
+        def take(b: int, token: int) -> str:
+            """Row b's new token -> the text it makes safe to show."""
             last[b] = token
+            piece = ""
             if token in self._eos_ids:
                 finish[b] = "stop"
             else:
-                texts[b].push(token)
+                piece = texts[b].push(token)
                 if texts[b].stopped:
                     finish[b] = "stop"
             done[b] = finish[b] == "stop" or len(texts[b].ids) >= max_new_tokens
             if done[b]:
                 ended[b] = time.perf_counter() - start
+            return piece
 
         if plan.reads_all(1) and n > 1:
             # the questions read the whole corpus (the default question_budget=1.0): one forward for all of them,
@@ -687,7 +766,7 @@ class SqueezedEngine:
                 tokens = [samplers[b](logits[b, wanted.index(t - 1)]) for b, t in enumerate(lengths)]
             for b, token in enumerate(tokens):
                 first_token[b] = time.perf_counter() - start
-                take(b, token)
+                yield b, take(b, token)
         else:
             for b, suffix in enumerate(suffixes):  # each question alone, into its row (its own pins)
                 with self._device_lock.shared():
@@ -696,12 +775,17 @@ class SqueezedEngine:
                     read.dyn.end()
                     token = samplers[b](logits[-1])
                 first_token[b] = time.perf_counter() - start
-                take(b, token)
+                yield b, take(b, token)
         # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does,
         # or from the first with a pooled one
         graphs = slot is not None
         step, steps = (slot.step if graphs else None), 0
-        while not all(done):
+        while True:
+            for b in range(n):  # a reader that left (a coalesced stream closed early): its row stops here
+                if not done[b] and cancelled is not None and cancelled[b] is not None and cancelled[b].is_set():
+                    done[b], finish[b], ended[b] = True, "cancelled", time.perf_counter() - start
+            if all(done):
+                break
             if graphs and step is None and steps == 2:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None
@@ -724,17 +808,19 @@ class SqueezedEngine:
                 tokens = {b: samplers[b](logits[i]) for i, b in enumerate(fed) if not done[b]}
             steps += 1
             for b, token in tokens.items():
-                take(b, token)
+                yield b, take(b, token)
+        for b in range(n):
+            yield b, texts[b].finish()
         answers = []
         with self._device_lock.shared():
             for b in range(n):
-                texts[b].finish()
                 answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b], finish[b],
                                              first_token[b], start)
                 answers.append(dataclasses.replace(answer, total_time=ended[b]))
         if slot is not None and self.cuda_graph_error is None:
             self._graph_pool.give(c.name, slot)  # only now: the records above have read the read's counters
-        return answers
+        for b, answer in enumerate(answers):
+            yield b, answer
 
     @torch.inference_mode()
     def score_continuation(

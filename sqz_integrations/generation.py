@@ -23,7 +23,9 @@ class Answer:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end of turn or a stop sequence) or "length"
+    # "stop" (end of turn or a stop sequence), "length", or "cancelled" (a coalesced stream closed early: its row
+    # of the batch stopped; nobody reads that answer)
+    finish_reason: str
     corpus: str
     prompt_tokens: int  # dynamic tokens fed: the question or chat history and the template around it
     corpus_tokens: int

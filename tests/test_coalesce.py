@@ -224,3 +224,130 @@ def test_langchain_batch_and_llama_index_gather_join_batches(coalescing_engine):
 
     assert [r.text for r in asyncio.run(gather())] == single
     assert batches[:2] == [4, 4] and sum(batches[2:]) >= 2, batches
+
+
+def read_stream(engine, prompt, **kwargs):
+    stream = engine.stream_answer(prompt, "docs", **kwargs)
+    return list(stream), stream.answer
+
+
+def test_concurrent_streams_join_one_batch_with_the_answers_calls(coalescing_engine):
+    """Streams coalesce like answer calls (and with them): each reader gets its own row's pieces, which make up its
+    answer, the same as the question streamed alone."""
+    engine, batches = coalescing_engine
+    single = [engine.answer(q, "docs", max_new_tokens=10) for q in QUESTIONS]
+    streamed_alone = read_stream(engine, QUESTIONS[0], max_new_tokens=10)  # a lone stream: no batch
+    assert batches == [] and "".join(streamed_alone[0]) == streamed_alone[1].text == single[0].text
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def call(i):
+        barrier.wait()
+        if i % 2:
+            return None, engine.answer(QUESTIONS[i], "docs", max_new_tokens=10)
+        return read_stream(engine, QUESTIONS[i], max_new_tokens=10)
+
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        got = list(pool.map(call, range(len(QUESTIONS))))
+    assert batches == [len(QUESTIONS)]  # two streams and two answer calls, one batch
+    for i, ((pieces, answer), alone) in enumerate(zip(got, single)):
+        assert answer.token_ids == alone.token_ids and answer.text == alone.text
+        if pieces is not None:
+            assert "".join(pieces) == answer.text and len(pieces) > 1, pieces  # piece by piece, not at the end
+
+
+def test_a_stream_closed_early_ends_its_row_and_the_batch_goes_on(coalescing_engine, monkeypatch):
+    engine, batches = coalescing_engine
+    alone = engine.answer(QUESTIONS[1], "docs", max_new_tokens=30)
+    row_events = engine._row_events
+    finished = []
+
+    def held_after_first_piece(suffixes, *args):
+        """Row 0's reader closes its stream after its first piece: the batch waits for that, so the close lands
+        while the row still has steps to go."""
+        cancelled, waited = args[-1], False
+        for b, event in row_events(suffixes, *args):
+            yield b, event
+            if b == 0 and isinstance(event, str) and event and not waited:
+                waited = True
+                assert cancelled[0].wait(10)
+            if not isinstance(event, str):
+                finished.append((b, event))
+
+    monkeypatch.setattr(engine, "_row_events", held_after_first_piece)
+    barrier = threading.Barrier(2)
+
+    def first_piece_then_close():
+        barrier.wait()
+        stream = engine.stream_answer(QUESTIONS[0], "docs", max_new_tokens=30)
+        piece = next(iter(stream))
+        stream.close()
+        return piece
+
+    def whole_answer():
+        barrier.wait()
+        time.sleep(0.05)  # after the stream: the stream's question is row 0
+        return engine.answer(QUESTIONS[1], "docs", max_new_tokens=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        piece, other = pool.submit(first_piece_then_close), pool.submit(whole_answer)
+        piece, other = piece.result(timeout=60), other.result(timeout=60)
+    assert batches == [2] and piece
+    assert other.token_ids == alone.token_ids  # the other row went on to its end
+    (_, closed), (_, kept) = sorted(finished, key=lambda x: x[0])
+    assert closed.finish_reason == "cancelled" and closed.completion_tokens < 30
+    assert kept.token_ids == alone.token_ids and kept.finish_reason != "cancelled"
+
+
+def test_a_failed_batch_fails_each_of_its_streams(coalescing_engine, monkeypatch):
+    engine, batches = coalescing_engine
+
+    def broken(suffixes, *args):
+        yield 0, "partial"
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(engine, "_row_events", broken)
+    barrier = threading.Barrier(3)
+
+    def stream(q):
+        barrier.wait()
+        pieces = []
+        try:
+            for piece in engine.stream_answer(q, "docs", max_new_tokens=6):
+                pieces.append(piece)
+        except RuntimeError as exc:
+            return pieces, str(exc)
+        return pieces, None
+
+    with ThreadPoolExecutor(3) as pool:
+        out = list(pool.map(stream, QUESTIONS[:3]))
+    assert batches == [3]
+    assert sorted(out) == [([], "device fell over"), ([], "device fell over"), (["partial"], "device fell over")]
+
+
+def test_langchain_and_llama_index_async_streams_join_batches(coalescing_engine):
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from sqz_integrations.langchain import ChatSqueezed
+    from sqz_integrations.llama_index import SqueezedLLM
+
+    engine, batches = coalescing_engine
+    single = [engine.answer(q, "docs", max_new_tokens=8).text for q in QUESTIONS]
+    llm = ChatSqueezed(engine=engine, corpus="docs", max_new_tokens=8)
+    li = SqueezedLLM(engine=engine, corpus="docs", max_new_tokens=8)
+
+    async def langchain_stream(q):
+        return "".join([chunk.content async for chunk in llm.astream(q)])
+
+    async def llama_index_stream(q):
+        text = ""
+        async for response in await li.astream_complete(q):
+            text = response.text
+        return text
+
+    async def both():
+        return (await asyncio.gather(*(langchain_stream(q) for q in QUESTIONS)),
+                await asyncio.gather(*(llama_index_stream(q) for q in QUESTIONS)))
+
+    lc, lx = asyncio.run(both())
+    assert lc == single and lx == single
+    assert batches[:1] == [4] and sum(batches) >= 6, batches  # LangChain's four in one batch, LlamaIndex's batched too
