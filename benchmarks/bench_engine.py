@@ -342,7 +342,8 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     """``rows`` different questions answered one after the other (``engine.answer``: CUDA-graph decode on CUDA),
     together (``engine.answer_batch``), and from ``rows`` threads at once calling ``engine.answer`` (as LangChain's
     ``batch`` does): coalesced into batches by the engine, and each alone (``max_coalesced=1``, what concurrent calls
-    got before). Tokens per second over the whole set, the batch sizes the threads' calls were coalesced into,
+    got before); and from ``rows`` threads each reading a ``stream_answer`` (a server streaming to its users),
+    coalesced. Tokens per second over the whole set, the batch sizes the threads' calls were coalesced into,
     and how many answers agree token for token with the one-by-one ones (a batched GEMM may round a near-tie logit
     of the random model the other way)."""
     questions = [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})" for i in range(rows)]
@@ -356,11 +357,16 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
         sizes.append(len(suffixes))
         return answer_rows(suffixes, *args, **kwargs)
 
-    def from_threads() -> list:
+    def from_threads(stream: bool = False) -> list:
         barrier = threading.Barrier(rows)
 
         def ask(q):
             barrier.wait()
+            if stream:
+                answer_stream = engine.stream_answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+                for _ in answer_stream:
+                    pass
+                return answer_stream.answer
             return engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget)
 
         with ThreadPoolExecutor(rows) as pool:
@@ -374,22 +380,23 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     timings = {}
     engine._answer_rows = counted
     try:
-        for way in ("one by one", "batch", "threads", "threads alone"):
+        for way in ("one by one", "batch", "threads", "streams", "threads alone"):
             sizes.clear()
             engine.max_coalesced = 1 if way == "threads alone" else rows
             sync(device)
             t0 = time.perf_counter()
             if way == "batch":
                 answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
-            elif way.startswith("threads"):
-                answers = from_threads()
+            elif way.startswith("threads") or way == "streams":
+                answers = from_threads(stream=way == "streams")
             else:
                 answers = [engine.answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget) for q in questions]
             sync(device)
             seconds = time.perf_counter() - t0
             tokens = sum(a.completion_tokens for a in answers)
             timings[way] = dict(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds, batches=list(sizes),
-                                ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers])
+                                ids=[a.token_ids for a in answers], kept=[a.kept_fraction for a in answers],
+                                ttft=sorted(a.time_to_first_token for a in answers)[len(answers) // 2])
     finally:
         del engine._answer_rows  # the instance attribute set above
         engine.max_coalesced = None  # the default again
@@ -397,12 +404,13 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     out = dict(rows=rows, budget=budget, kept_one_by_one=one["kept"])
     for way, t in timings.items():
         tag = way.replace(" ", "_")
-        out.update({f"seconds_{tag}": t["seconds"], f"tokens_{tag}": t["tokens"], f"tokens_per_s_{tag}": t["tokens_per_s"]})
+        out.update({f"seconds_{tag}": t["seconds"], f"tokens_{tag}": t["tokens"],
+                    f"tokens_per_s_{tag}": t["tokens_per_s"], f"median_ttft_s_{tag}": t["ttft"]})
         if way != "one by one":
             out[f"equal_{tag}"] = sum(a == b for a, b in zip(one["ids"], t["ids"]))
             out[f"leading_equal_{tag}"] = [leading_equal(a, b) for a, b in zip(one["ids"], t["ids"])]
             out[f"kept_{tag}"] = t["kept"]
-        if way.startswith("threads"):
+        if way.startswith("threads") or way == "streams":
             out[f"batches_{tag}"] = t["batches"]
     return out
 
@@ -436,18 +444,22 @@ def markdown(meta: dict, records: list[dict]) -> str:
     if batches:
         lines += ["", "Different questions on one corpus, generated tokens per second over the whole set: one by one "
                   "(`answer`); together (`answer_batch`); from as many threads at once calling `answer` (as LangChain's "
-                  "`batch` does), coalesced by the engine into the batches listed, and each alone (`max_coalesced=1`). "
-                  "Answers equal: token for token with one by one.", "",
+                  "`batch` does), coalesced by the engine into the batches listed, and each alone (`max_coalesced=1`); "
+                  "from as many threads each reading a `stream_answer`, coalesced (median time to first token of "
+                  "the threads' calls / the streams in ms). Answers equal: token for token with one by one.", "",
                   "| corpus tokens | budget | questions | one by one tok/s | batch tok/s | threads tok/s (batches) "
-                  "| threads alone tok/s | batch speed-up | threads speed-up | answers equal (batch / threads) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| streams tok/s (batches) | threads / streams TTFT ms | threads alone tok/s | batch speed-up "
+                  "| threads speed-up | answers equal (batch / threads / streams) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, b in batches:
             one = b["tokens_per_s_one_by_one"]
             lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {one:.1f} | {b['tokens_per_s_batch']:.1f} | "
                          f"{b['tokens_per_s_threads']:.1f} ({'+'.join(map(str, b['batches_threads'])) or '-'}) | "
+                         f"{b['tokens_per_s_streams']:.1f} ({'+'.join(map(str, b['batches_streams'])) or '-'}) | "
+                         f"{1e3 * b['median_ttft_s_threads']:.0f} / {1e3 * b['median_ttft_s_streams']:.0f} | "
                          f"{b['tokens_per_s_threads_alone']:.1f} | {b['tokens_per_s_batch'] / one:.2f}x | "
                          f"{b['tokens_per_s_threads'] / one:.2f}x | {b['equal_batch']}/{b['rows']} / "
-                         f"{b['equal_threads']}/{b['rows']} |")
+                         f"{b['equal_threads']}/{b['rows']} / {b['equal_streams']}/{b['rows']} |")
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:

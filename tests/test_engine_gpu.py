@@ -602,8 +602,9 @@ def test_batch_answers_on_triton(world, monkeypatch):
 
 
 def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
-    """On CUDA the default ``max_coalesced`` (8) answers concurrent ``answer`` calls as one batch: threads started
-    together are one ``answer_batch`` and get the tokens that ``answer_batch`` gives the same questions."""
+    """On CUDA the default ``max_coalesced`` (8) answers concurrent ``answer`` and ``stream_answer`` calls as one
+    batch: threads started together are one ``answer_batch`` and get the tokens that ``answer_batch`` gives the same
+    questions; a stream's pieces make up its answer."""
     e = world.engine
     assert e.max_coalesced == 8
     # gather from the first burst on, with room for a loaded machine (by default the first call of a burst runs alone)
@@ -618,16 +619,21 @@ def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
     monkeypatch.setattr(e, "_answer_rows", lambda p, *a, **k: (sizes.append(len(p)), answer_rows(p, *a, **k))[1])
     barrier = threading.Barrier(len(prompts))
 
-    def ask(prompt):
+    def ask(i):
         barrier.wait()
-        return e.answer(prompt, world.flat, **kw)
+        if i % 2:
+            return e.answer(prompts[i], world.flat, **kw), None
+        stream = e.stream_answer(prompts[i], world.flat, **kw)
+        pieces = list(stream)
+        return stream.answer, pieces
 
     with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(ask, prompts))
+        together = list(pool.map(ask, range(len(prompts))))
     _report(world=world.name, check="coalesced", batches=sizes,
-            equal=[a.token_ids == b.token_ids for a, b in zip(together, batched)])
+            equal=[a.token_ids == b.token_ids for (a, _), b in zip(together, batched)])
     assert sizes == [len(prompts)] and e.cuda_graph_error is None
-    assert [a.token_ids for a in together] == [b.token_ids for b in batched]
+    assert [a.token_ids for a, _ in together] == [b.token_ids for b in batched]
+    assert all("".join(pieces) == a.text for a, pieces in together if pieces is not None)
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
