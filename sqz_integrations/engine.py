@@ -594,11 +594,13 @@ class SqueezedEngine:
             return AnswerStream(self._coalesced_events((corpus, params, read_options), suffix))
         return AnswerStream(self._events(suffix, corpus, params, *read_options))
 
-    def _coalesced_events(self, key: tuple, suffix: list[int]) -> Iterator:
-        """The events of a stream whose question goes through the coalescer: a worker thread submits it (and may
-        lead its batch) while this generator hands on the pieces it is sent, then the Answer."""
+    def _coalesced_events(self, key: tuple, suffix: list[int], pieces: bool = True) -> Iterator:
+        """The events of a call whose question goes through the coalescer: a worker thread submits it (and may
+        lead its batch, which then runs in that thread) while this generator, in the caller's thread, hands on the
+        text pieces it is sent (if ``pieces``), then the Answer, which comes as soon as the question's row ends."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        question = _Question(suffix, sink=events.put, cancelled=threading.Event())
+        sink = events.put if pieces else (lambda event: events.put(event) if isinstance(event, Answer) else None)
+        question = _Question(suffix, sink=sink, cancelled=threading.Event())
 
         def submit() -> None:
             try:
@@ -630,31 +632,45 @@ class SqueezedEngine:
         self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
-        rows = self.max_coalesced
-        if rows == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
+        if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
             return self._answer_tickets(key, [Ticket(_Question(suffix))])[0]
-        self._coalescer.max_rows = rows
-        return self._coalescer.submit(key, _Question(suffix))
+        events = self._coalesced_events(key, suffix, pieces=False)
+        try:
+            return next(event for event in events if isinstance(event, Answer))
+        finally:
+            events.close()
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
         """The coalescer's batch of questions (:class:`_Question`): one call alone through the stream path, several
-        as a batch; each stream's pieces go to its sink as they are decoded."""
+        as a batch; each question's sink gets its pieces as they are decoded, then its Answer as soon as its row
+        ends."""
         corpus, params, read_options = key
         start = time.perf_counter()
         questions = [t.item for t in tickets]
-        if len(questions) == 1:
-            answers = [self._answer_alone(questions[0], corpus, params, read_options)]
-        else:
-            answers = self._answer_rows([q.suffix for q in questions], corpus, params, *read_options,
-                                        sinks=[q.sink for q in questions], cancelled=[q.cancelled for q in questions])
-        # the answers count from the batch's start; each call waited (start - submitted) for it
         waited = [start - t.submitted for t in tickets]
-        return [a if a is None else dataclasses.replace(a, time_to_first_token=a.time_to_first_token + w,
-                                                        total_time=a.total_time + w) for a, w in zip(answers, waited)]
 
-    def _answer_alone(self, question: _Question, corpus: str, params: SamplingParams, read_options: tuple
+        def timed(answer: Answer | None, w: float) -> Answer | None:
+            # the answers count from the batch's start; each call waited w for it
+            return answer if answer is None else dataclasses.replace(
+                answer, time_to_first_token=answer.time_to_first_token + w, total_time=answer.total_time + w)
+
+        def sink(q: _Question, w: float):
+            if q.sink is None:
+                return None
+            return lambda event: q.sink(timed(event, w) if isinstance(event, Answer) else event)
+
+        sinks = [sink(q, w) for q, w in zip(questions, waited)]
+        if len(questions) == 1:
+            answers = [self._answer_alone(questions[0], sinks[0], corpus, params, read_options)]
+        else:
+            answers = self._answer_rows([q.suffix for q in questions], corpus, params, *read_options, sinks=sinks,
+                                        cancelled=[q.cancelled for q in questions])
+        return [timed(a, w) for a, w in zip(answers, waited)]
+
+    def _answer_alone(self, question: _Question, sink, corpus: str, params: SamplingParams, read_options: tuple
                       ) -> Answer | None:
-        """One question through the stream path, its pieces to its sink; None if its reader left first."""
+        """One question through the stream path, its pieces and then its Answer to ``sink``; None if its reader
+        left first."""
         events = self._events(question.suffix, corpus, params, *read_options)
         answer = None
         for event in events:
@@ -663,8 +679,8 @@ class SqueezedEngine:
             elif question.cancelled is not None and question.cancelled.is_set():
                 events.close()  # as when a caller stops iterating its own stream
                 break
-            elif question.sink is not None:
-                question.sink(event)
+            if sink is not None:
+                sink(event)
         return answer
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
@@ -697,14 +713,15 @@ class SqueezedEngine:
                      selection, question_budget, *, sinks: list | None = None, cancelled: list | None = None
                      ) -> list[Answer]:
         """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes``; ``sinks[b]`` (not None)
-        is handed row ``b``'s text pieces as they are decoded, and ``cancelled[b]`` (a ``threading.Event``, not
-        None) ends row ``b`` at the next step once it is set (see :meth:`_row_events`)."""
+        is handed row ``b``'s text pieces as they are decoded, then its :class:`Answer` as soon as the row ends, and
+        ``cancelled[b]`` (a ``threading.Event``, not None) ends row ``b`` at the next step once it is set (see
+        :meth:`_row_events`)."""
         answers: list = [None] * len(suffixes)
         for b, event in self._row_events(suffixes, corpus, params, kv_budget, hierarchical, selection, question_budget,
                                          cancelled):
             if isinstance(event, Answer):
                 answers[b] = event
-            elif event and sinks is not None and sinks[b] is not None:
+            if event and sinks is not None and sinks[b] is not None:
                 sinks[b](event)
         return answers
 
@@ -712,8 +729,9 @@ class SqueezedEngine:
     def _row_events(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
                     selection, question_budget, cancelled: list | None = None) -> Iterator[tuple[int, str | Answer]]:
         """The batch of questions whose dynamic token ids are ``suffixes``: yields ``(row, text piece)`` as the
-        rows decode, then ``(row, Answer)`` for every row in order. A row whose ``cancelled[row]`` event is set
-        stops at the next step (finish reason ``"cancelled"``)."""
+        rows decode and ``(row, Answer)`` as each row ends (before the next step), so a short answer is not held
+        back by the batch's longest. A row whose ``cancelled[row]`` event is set stops at the next step (finish
+        reason ``"cancelled"``)."""
         c = self.get_corpus(corpus)
         max_new_tokens = params.max_new_tokens
         start = time.perf_counter()
@@ -780,10 +798,25 @@ class SqueezedEngine:
         # or from the first with a pooled one
         graphs = slot is not None
         step, steps = (slot.step if graphs else None), 0
+        answered = [False] * n
+
+        def finished() -> Iterator[tuple[int, str | Answer]]:
+            """Each row done since the last call: its last text, then its Answer, now rather than at the batch's end
+            (its counts are final: a done row is fed, but nothing it reads is counted)."""
+            for b in range(n):
+                if done[b] and not answered[b]:
+                    answered[b] = True
+                    yield b, texts[b].finish()
+                    with self._device_lock.shared():
+                        answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b],
+                                                     finish[b], first_token[b], start)
+                    yield b, dataclasses.replace(answer, total_time=ended[b])
+
         while True:
             for b in range(n):  # a reader that left (a coalesced stream closed early): its row stops here
                 if not done[b] and cancelled is not None and cancelled[b] is not None and cancelled[b].is_set():
                     done[b], finish[b], ended[b] = True, "cancelled", time.perf_counter() - start
+            yield from finished()
             if all(done):
                 break
             if graphs and step is None and steps == 2:
@@ -809,18 +842,8 @@ class SqueezedEngine:
             steps += 1
             for b, token in tokens.items():
                 yield b, take(b, token)
-        for b in range(n):
-            yield b, texts[b].finish()
-        answers = []
-        with self._device_lock.shared():
-            for b in range(n):
-                answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b], finish[b],
-                                             first_token[b], start)
-                answers.append(dataclasses.replace(answer, total_time=ended[b]))
         if slot is not None and self.cuda_graph_error is None:
-            self._graph_pool.give(c.name, slot)  # only now: the records above have read the read's counters
-        for b, answer in enumerate(answers):
-            yield b, answer
+            self._graph_pool.give(c.name, slot)  # only now: every row's record has read the read's counters
 
     @torch.inference_mode()
     def score_continuation(

@@ -351,3 +351,48 @@ def test_langchain_and_llama_index_async_streams_join_batches(coalescing_engine)
     lc, lx = asyncio.run(both())
     assert lc == single and lx == single
     assert batches[:1] == [4] and sum(batches) >= 6, batches  # LangChain's four in one batch, LlamaIndex's batched too
+
+
+def test_a_call_whose_row_ends_early_returns_before_its_batch_ends(coalescing_engine, monkeypatch):
+    """An answer (or a stream) is handed over when its row ends, not when the batch's longest row does."""
+    engine, batches = coalescing_engine
+    a0, a1 = (engine.answer(q, "docs", max_new_tokens=20) for q in QUESTIONS[:2])
+    # an end-of-turn token for row 0 at its third step that row 1 never produces: row 0 then ends there
+    end = next(t for t in a0.token_ids[2:] if t not in a1.token_ids)
+    monkeypatch.setattr(engine, "_eos_ids", engine._eos_ids | {end})
+    short = engine.answer(QUESTIONS[0], "docs", max_new_tokens=20)
+    assert short.finish_reason == "stop" and len(short.token_ids) < 20
+    row_events, returned = engine._row_events, threading.Event()
+
+    def held_until_returned(suffixes, *args):
+        """After row 0's Answer the batch waits until row 0's caller has returned (it would wait in vain if the
+        answer came only once every row had ended)."""
+        for b, event in row_events(suffixes, *args):
+            yield b, event
+            if b == 0 and not isinstance(event, str):
+                assert returned.wait(10), "row 0's call did not return before its batch ended"
+
+    monkeypatch.setattr(engine, "_row_events", held_until_returned)
+    barrier = threading.Barrier(2)
+    pieces: list[str] = []  # row 1's, streamed
+
+    def call(i):
+        barrier.wait()
+        if i == 0:
+            got = engine.answer(QUESTIONS[0], "docs", max_new_tokens=20)
+            got_at = len(pieces)  # row 1's pieces so far: the batch is held here
+            returned.set()
+            return got, got_at
+        time.sleep(0.05)  # question 0 is row 0
+        stream = engine.stream_answer(QUESTIONS[1], "docs", max_new_tokens=20)
+        for piece in stream:
+            pieces.append(piece)
+        return stream.answer, None
+
+    with ThreadPoolExecutor(2) as pool:
+        (first, pieces_then), (second, _) = pool.map(call, range(2))
+    assert batches == [2]
+    assert first.token_ids == short.token_ids and first.finish_reason == "stop"
+    assert second.token_ids == a1.token_ids and "".join(pieces) == second.text
+    assert pieces_then < len(pieces)  # row 1 went on decoding after row 0's caller had its answer
+    assert 0 < first.time_to_first_token <= first.total_time < second.total_time
