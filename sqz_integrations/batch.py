@@ -275,6 +275,18 @@ class BatchRead(CorpusRead):
         self.set_active([True] * self.batch)
         self.dyn.reset()
 
+    def reset_row(self, row: int) -> None:
+        """Row ``row`` empty for another question, the other rows as they are (a queued call taking the row of an
+        ended one): its tokens, pins and counts, in place."""
+        self.row_keys[:, row].zero_()
+        self.row_scored_dev[row] = 0.0
+        self.row_mass[row].zero_()
+        self.row_steps[row] = [0] * len(self.corpus.layers)
+        self.row_scored_host[row] = 0.0
+        for pins in self.pins.values():
+            pins[row].zero_()
+        self.dyn.lens[row] = 0
+
     def host_counters(self):
         """Nothing for ``decode_graph.GraphedStep`` to carry over: :meth:`end_step` counts the host side."""
         return [], 0.0

@@ -10,6 +10,9 @@ takes up to ``max_rows`` of the calls queued, runs them as one batch and hands e
 exception). Calls that arrive while a batch runs queue up; when it ends, the oldest of them leads the next
 batch. Different keys never wait for each other.
 
+A batch that has room again (a row whose call has ended) may :meth:`Coalescer.take` calls queued meanwhile into it,
+rather than leave them to wait for the whole batch to end.
+
 Before it starts, a leader waits while other calls keep arriving (``gap_s`` at a time, at most ``max_wait_s``),
 but only if calls have overlapped in the last ``gather_window_s`` seconds: a lone interactive call starts at once
 (on a GPU a wait of 2 ms would be a fifth of a short answer's first token), and the first call of a burst
@@ -44,7 +47,7 @@ class Ticket:
 class Coalescer:
     """``submit(key, item)`` from any thread -> that item's result, computed by
     ``run(key, tickets) -> results`` (one per ticket, in order) together with the other items of the
-    same key submitted meanwhile."""
+    same key submitted meanwhile. ``run`` may add queued calls to its running batch with :meth:`take`."""
 
     def __init__(self, run: Callable[[Hashable, list[Ticket]], list[Any]], max_rows: int,
                  gap_s: float = 0.002, max_wait_s: float = 0.02, gather_window_s: float = 60.0):
@@ -75,6 +78,20 @@ class Coalescer:
                 return ticket.outcome()
         self._lead(key, ticket)
         return ticket.outcome()
+
+    def take(self, key: Hashable, batch: list[Ticket], most: int, fits: Callable[[Any], bool]) -> list[Ticket]:
+        """From inside ``run(key, batch)``: move up to ``most`` of the calls queued for ``key`` whose item ``fits``
+        into the running ``batch`` (appended, in arrival order; ``run`` then returns their results too, after
+        the others'). -> the calls taken."""
+        if most < 1:
+            return []
+        with self._lock:
+            queue = self._queues.get(key, [])
+            taken = [t for t in queue if fits(t.item)][:most]
+            if taken:
+                self._queues[key] = [t for t in queue if t not in taken]
+        batch.extend(taken)
+        return taken
 
     def _gather(self, key: Hashable) -> None:
         """Wait while calls of ``key`` keep arriving: a lone call waits one gap."""

@@ -67,6 +67,7 @@ class _Question:
     suffix: list[int]
     sink: Callable[[str], None] | None = None
     cancelled: threading.Event | None = None
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
 
 
 class SqueezedEngine:
@@ -503,7 +504,7 @@ class SqueezedEngine:
             else:
                 read = CorpusRead(c, plan, track_sources=c.config.sources)
             sampler = Sampler(params, self.device)
-        text = TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+        text = self._text_assembler(params)
         first_token_time, finish = None, "length"
         for token in self._decode(c, suffix, read, sampler, params.max_new_tokens, slot):
             if first_token_time is None:
@@ -642,45 +643,36 @@ class SqueezedEngine:
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
         """The coalescer's batch of questions (:class:`_Question`): one call alone through the stream path, several
-        as a batch; each question's sink gets its pieces as they are decoded, then its Answer as soon as its row
-        ends."""
+        as a batch, which calls queued meanwhile join as its rows end; each question's sink gets its pieces as they
+        are decoded, then its Answer as soon as its row ends."""
         corpus, params, read_options = key
-        start = time.perf_counter()
         questions = [t.item for t in tickets]
-        waited = [start - t.submitted for t in tickets]
-
-        def timed(answer: Answer | None, w: float) -> Answer | None:
-            # the answers count from the batch's start; each call waited w for it
-            return answer if answer is None else dataclasses.replace(
-                answer, time_to_first_token=answer.time_to_first_token + w, total_time=answer.total_time + w)
-
-        def sink(q: _Question, w: float):
-            if q.sink is None:
-                return None
-            return lambda event: q.sink(timed(event, w) if isinstance(event, Answer) else event)
-
-        sinks = [sink(q, w) for q, w in zip(questions, waited)]
         if len(questions) == 1:
-            answers = [self._answer_alone(questions[0], sinks[0], corpus, params, read_options)]
-        else:
-            answers = self._answer_rows([q.suffix for q in questions], corpus, params, *read_options, sinks=sinks,
-                                        cancelled=[q.cancelled for q in questions])
-        return [timed(a, w) for a, w in zip(answers, waited)]
+            return [self._answer_alone(questions[0], corpus, params, read_options)]
 
-    def _answer_alone(self, question: _Question, sink, corpus: str, params: SamplingParams, read_options: tuple
+        def join(most: int, fits) -> list[_Question]:
+            return [t.item for t in self._coalescer.take(key, tickets, most, fits)]
+
+        return self._answer_rows([q.suffix for q in questions], corpus, params, *read_options, questions=questions,
+                                 join=join)
+
+    def _answer_alone(self, question: _Question, corpus: str, params: SamplingParams, read_options: tuple
                       ) -> Answer | None:
-        """One question through the stream path, its pieces and then its Answer to ``sink``; None if its reader
+        """One question through the stream path, its pieces and then its Answer to its sink; None if its reader
         left first."""
+        start = time.perf_counter()
         events = self._events(question.suffix, corpus, params, *read_options)
         answer = None
         for event in events:
-            if isinstance(event, Answer):
-                answer = event
+            if isinstance(event, Answer):  # counted from the call: its wait for the coalescer added
+                waited = start - question.submitted
+                event = answer = dataclasses.replace(event, time_to_first_token=event.time_to_first_token + waited,
+                                                     total_time=event.total_time + waited)
             elif question.cancelled is not None and question.cancelled.is_set():
                 events.close()  # as when a caller stops iterating its own stream
                 break
-            if sink is not None:
-                sink(event)
+            if question.sink is not None:
+                question.sink(event)
         return answer
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
@@ -710,45 +702,52 @@ class SqueezedEngine:
         return self._answer_rows(suffixes, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if suffixes else []
 
     def _answer_rows(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                     selection, question_budget, *, sinks: list | None = None, cancelled: list | None = None
+                     selection, question_budget, *, questions: list[_Question] | None = None, join=None
                      ) -> list[Answer]:
-        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes``; ``sinks[b]`` (not None)
-        is handed row ``b``'s text pieces as they are decoded, then its :class:`Answer` as soon as the row ends, and
-        ``cancelled[b]`` (a ``threading.Event``, not None) ends row ``b`` at the next step once it is set (see
-        :meth:`_row_events`)."""
-        answers: list = [None] * len(suffixes)
-        for b, event in self._row_events(suffixes, corpus, params, kv_budget, hierarchical, selection, question_budget,
-                                         cancelled):
+        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes`` (given as ``questions``:
+        each one's sink is handed its pieces as they are decoded, then its :class:`Answer` as soon as its row ends;
+        its times count from its ``submitted``); with ``join`` (see :meth:`_row_events`) also of the questions that
+        join the batch, whose answers follow the others' in the returned list."""
+        if questions is None:
+            start = time.perf_counter()
+            questions = [_Question(s, submitted=start) for s in suffixes]
+        answers: dict = {}
+        for q, event in self._row_events(questions, corpus, params, kv_budget, hierarchical, selection, question_budget,
+                                         join):
             if isinstance(event, Answer):
-                answers[b] = event
-            if event and sinks is not None and sinks[b] is not None:
-                sinks[b](event)
-        return answers
+                answers[q] = event
+            if event and q.sink is not None:
+                q.sink(event)
+        return [answers.get(q) for q in questions]
 
     @torch.inference_mode()
-    def _row_events(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                    selection, question_budget, cancelled: list | None = None) -> Iterator[tuple[int, str | Answer]]:
-        """The batch of questions whose dynamic token ids are ``suffixes``: yields ``(row, text piece)`` as the
-        rows decode and ``(row, Answer)`` as each row ends (before the next step), so a short answer is not held
-        back by the batch's longest. A row whose ``cancelled[row]`` event is set stops at the next step (finish
-        reason ``"cancelled"``)."""
+    def _row_events(self, questions: list[_Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
+                    selection, question_budget, join=None) -> Iterator[tuple[_Question, str | Answer]]:
+        """The batch of ``questions``: yields ``(question, text piece)`` as the rows decode and ``(question, Answer)``
+        as each row ends (before the next step), so a short answer is not held back by the batch's longest. A
+        question whose ``cancelled`` event is set stops at the next step (finish reason ``"cancelled"``).
+
+        ``join(free_rows, fits) -> [_Question]`` (None: none join): questions queued meanwhile that take the rows of
+        ended ones, at most ``free_rows``, each one that ``fits`` the batch's buffers; they are appended to
+        ``questions`` and read into their rows (one forward each, alone) before the batch's next step."""
         c = self.get_corpus(corpus)
         max_new_tokens = params.max_new_tokens
-        start = time.perf_counter()
-        n = len(suffixes)
+        n = len(questions)
         slot = None
+        tokens_needed = max(len(q.suffix) for q in questions) + max_new_tokens
         with self._device_lock.shared():
             plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
             if self._graphs_for(c, plan, max_new_tokens):
-                slot = self._graph_slot(c, plan, max(map(len, suffixes)) + max_new_tokens, batch=n)
+                slot = self._graph_slot(c, plan, tokens_needed, batch=n)
                 read, plan = slot.read, slot.read.plan
-            else:
-                read = BatchRead(c, plan, n, max(map(len, suffixes)) + max_new_tokens, track_sources=c.config.sources)
-            samplers = [Sampler(params, self.device) for _ in suffixes]
-        texts = [TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
-                 for _ in suffixes]
-        finish, first_token, ended = ["length"] * n, [0.0] * n, [0.0] * n
-        done, last = [False] * n, [0] * n
+            else:  # with room (as a pooled graph's read has) for the longer questions of calls that join
+                capacity = tokens_needed if join is None else decode_graph.capacity_for(tokens_needed)
+                read = BatchRead(c, plan, n, capacity, track_sources=c.config.sources)
+        occupant = list(questions)  # the question each row answers now
+        samplers = [Sampler(params, self.device) for _ in range(n)]
+        texts = [self._text_assembler(params) for _ in range(n)]
+        finish, first_token, ended = ["length"] * n, [0.0] * n, [0.0] * n  # times: perf_counter
+        done, last, answered = [False] * n, [0] * n, [False] * n
 
         def take(b: int, token: int) -> str:
             """Row b's new token -> the text it makes safe to show."""
@@ -762,13 +761,38 @@ class SqueezedEngine:
                     finish[b] = "stop"
             done[b] = finish[b] == "stop" or len(texts[b].ids) >= max_new_tokens
             if done[b]:
-                ended[b] = time.perf_counter() - start
+                ended[b] = time.perf_counter()
             return piece
+
+        def read_alone(b: int) -> Iterator[tuple[_Question, str]]:
+            """Row b's question read alone into its row (its own pins): its first token."""
+            q = occupant[b]
+            with self._device_lock.shared():
+                read.dyn.begin_row(b, len(q.suffix))
+                logits = self._forward(q.suffix, c.n_tokens, None, read)
+                read.dyn.end()
+                token = samplers[b](logits[-1])
+            first_token[b] = time.perf_counter()
+            yield q, take(b, token)
+
+        def finished() -> Iterator[tuple[_Question, str | Answer]]:
+            """Each row done since the last call: its last text, then its Answer, now rather than at the batch's end
+            (its counts are final: a done row is fed, but nothing it reads is counted)."""
+            for b in range(n):
+                if done[b] and not answered[b]:
+                    answered[b] = True
+                    q = occupant[b]
+                    yield q, texts[b].finish()
+                    with self._device_lock.shared():
+                        answer = self._answer_record(c, corpus, q.suffix, plan, read.row_view(b), texts[b], finish[b],
+                                                     first_token[b] - q.submitted, q.submitted)
+                    yield q, dataclasses.replace(answer, total_time=ended[b] - q.submitted)
 
         if plan.reads_all(1) and n > 1:
             # the questions read the whole corpus (the default question_budget=1.0): one forward for all of them,
             # right-padded to the longest (causal: no real token sees the padding); per-row pins and sources come
             # from each row's real tokens (BatchRead)
+            suffixes = [q.suffix for q in questions]
             lengths = [len(x) for x in suffixes]
             width = max(lengths)
             wanted = sorted(set(t - 1 for t in lengths))  # the last real position of each row
@@ -783,46 +807,45 @@ class SqueezedEngine:
                 read.dyn.end()
                 tokens = [samplers[b](logits[b, wanted.index(t - 1)]) for b, t in enumerate(lengths)]
             for b, token in enumerate(tokens):
-                first_token[b] = time.perf_counter() - start
-                yield b, take(b, token)
+                first_token[b] = time.perf_counter()
+                yield occupant[b], take(b, token)
         else:
-            for b, suffix in enumerate(suffixes):  # each question alone, into its row (its own pins)
-                with self._device_lock.shared():
-                    read.dyn.begin_row(b, len(suffix))
-                    logits = self._forward(suffix, c.n_tokens, None, read)
-                    read.dyn.end()
-                    token = samplers[b](logits[-1])
-                first_token[b] = time.perf_counter() - start
-                yield b, take(b, token)
+            for b in range(n):  # each question alone, into its row
+                yield from read_alone(b)
+
+        def fits(q: _Question) -> bool:
+            return len(q.suffix) + max_new_tokens <= read.dyn.capacity
+
         # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does,
         # or from the first with a pooled one
         graphs = slot is not None
         step, steps = (slot.step if graphs else None), 0
-        answered = [False] * n
-
-        def finished() -> Iterator[tuple[int, str | Answer]]:
-            """Each row done since the last call: its last text, then its Answer, now rather than at the batch's end
-            (its counts are final: a done row is fed, but nothing it reads is counted)."""
-            for b in range(n):
-                if done[b] and not answered[b]:
-                    answered[b] = True
-                    yield b, texts[b].finish()
-                    with self._device_lock.shared():
-                        answer = self._answer_record(c, corpus, suffixes[b], plan, read.row_view(b), texts[b],
-                                                     finish[b], first_token[b], start)
-                    yield b, dataclasses.replace(answer, total_time=ended[b])
-
         while True:
             for b in range(n):  # a reader that left (a coalesced stream closed early): its row stops here
-                if not done[b] and cancelled is not None and cancelled[b] is not None and cancelled[b].is_set():
-                    done[b], finish[b], ended[b] = True, "cancelled", time.perf_counter() - start
+                cancelled = occupant[b].cancelled
+                if not done[b] and cancelled is not None and cancelled.is_set():
+                    done[b], finish[b], ended[b] = True, "cancelled", time.perf_counter()
             yield from finished()
+            free = [b for b in range(n) if answered[b]] if join is not None else []
+            for b, q in zip(free, join(len(free), fits) if free else []):
+                questions.append(q)
+                occupant[b], samplers[b], texts[b] = q, Sampler(params, self.device), self._text_assembler(params)
+                finish[b], done[b], answered[b] = "length", False, False
+                with self._device_lock.shared():
+                    read.reset_row(b)
+                yield from read_alone(b)
+            if free:
+                yield from finished()  # a joined question may end at its first token
             if all(done):
                 break
             if graphs and step is None and steps == 2:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None
-            # a graph step feeds every row (a finished one is fed and not counted); an eager one the live rows only
+            if join is not None and graphs:
+                for b in range(n):  # a graph step feeds an ended row too: keep its slots from filling up meanwhile
+                    if answered[b]:
+                        read.dyn.lens[b] = 0
+            # a graph step feeds every row (an ended one is fed and not counted); an eager one the live rows only
             fed = list(range(n)) if graphs else [b for b in range(n) if not done[b]]
             positions = [c.n_tokens + read.dyn.lens[b] for b in fed]
             with self._device_lock.shared():
@@ -841,9 +864,12 @@ class SqueezedEngine:
                 tokens = {b: samplers[b](logits[i]) for i, b in enumerate(fed) if not done[b]}
             steps += 1
             for b, token in tokens.items():
-                yield b, take(b, token)
+                yield occupant[b], take(b, token)
         if slot is not None and self.cuda_graph_error is None:
             self._graph_pool.give(c.name, slot)  # only now: every row's record has read the read's counters
+
+    def _text_assembler(self, params: SamplingParams) -> TextAssembler:
+        return TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
 
     @torch.inference_mode()
     def score_continuation(

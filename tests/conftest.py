@@ -87,3 +87,22 @@ def random_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud lamp garden window paper music orange silver".split()
     return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+def hold_after_first_answer(engine, monkeypatch, then) -> list[int]:
+    """Wraps ``engine._row_events`` so that a batch, once it has handed over its first question's Answer, calls
+    ``then()`` before it goes on (a test lets a caller return, or another call queue, at that point). -> a list
+    that gets each batch's number of questions when it ends (its first ones and those that joined it)."""
+    row_events, sizes = engine._row_events, []
+
+    def held(questions, *args):
+        first, waited = questions[0], False
+        for q, event in row_events(questions, *args):
+            yield q, event
+            if q is first and not isinstance(event, str) and not waited:
+                waited = True
+                then()
+        sizes.append(len(questions))
+
+    monkeypatch.setattr(engine, "_row_events", held)
+    return sizes

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import random_text
+from conftest import hold_after_first_answer, random_text
 from sqz_integrations import SqueezeConfig
 from sqz_integrations.coalesce import Coalescer
 
@@ -115,6 +115,27 @@ def test_a_leader_interrupted_before_its_batch_leaves_no_leaderless_queue():
     assert coalescer._queues == {}  # else every later call of "k" would wait for a leader that is gone
     del coalescer._gather
     assert coalescer.submit("k", 2) == 2
+
+
+def test_a_running_batch_takes_queued_calls_that_fit():
+    coalescer, taken = None, []
+
+    def run(key, tickets):
+        if tickets[0].item == 0:  # the first batch, while 1, 2 and 3 queue behind it
+            wait_for(lambda: len(coalescer._queues[key]) == 3)
+            assert coalescer.take(key, tickets, 0, lambda item: True) == []
+            taken.append([t.item for t in coalescer.take(key, tickets, 2, lambda item: item != 2)])
+        return [(t.item, [u.item for u in tickets]) for t in tickets]
+
+    coalescer = Coalescer(run, max_rows=1, gather_window_s=-1.0)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(coalescer.submit, "k", 0)
+        wait_for(lambda: "k" in coalescer._queues and not coalescer._queues["k"])  # 0 leads, its batch runs
+        rest = [pool.submit(coalescer.submit, "k", i) for i in (1, 2, 3)]
+        results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
+    assert taken == [[1, 3]]  # the two that fit, in arrival order, though max_rows is 1
+    assert results == [(0, [0, 1, 3]), (1, [0, 1, 3]), (2, [2]), (3, [0, 1, 3])]
+    assert coalescer._queues == {}
 
 
 @pytest.fixture
@@ -261,17 +282,17 @@ def test_a_stream_closed_early_ends_its_row_and_the_batch_goes_on(coalescing_eng
     row_events = engine._row_events
     finished = []
 
-    def held_after_first_piece(suffixes, *args):
+    def held_after_first_piece(questions, *args):
         """Row 0's reader closes its stream after its first piece: the batch waits for that, so the close lands
         while the row still has steps to go."""
-        cancelled, waited = args[-1], False
-        for b, event in row_events(suffixes, *args):
-            yield b, event
-            if b == 0 and isinstance(event, str) and event and not waited:
+        first, waited = questions[0], False
+        for q, event in row_events(questions, *args):
+            yield q, event
+            if q is first and isinstance(event, str) and event and not waited:
                 waited = True
-                assert cancelled[0].wait(10)
+                assert first.cancelled.wait(10)
             if not isinstance(event, str):
-                finished.append((b, event))
+                finished.append((questions.index(q), event))
 
     monkeypatch.setattr(engine, "_row_events", held_after_first_piece)
     barrier = threading.Barrier(2)
@@ -301,8 +322,8 @@ def test_a_stream_closed_early_ends_its_row_and_the_batch_goes_on(coalescing_eng
 def test_a_failed_batch_fails_each_of_its_streams(coalescing_engine, monkeypatch):
     engine, batches = coalescing_engine
 
-    def broken(suffixes, *args):
-        yield 0, "partial"
+    def broken(questions, *args):
+        yield questions[0], "partial"
         raise RuntimeError("device fell over")
 
     monkeypatch.setattr(engine, "_row_events", broken)
@@ -362,17 +383,14 @@ def test_a_call_whose_row_ends_early_returns_before_its_batch_ends(coalescing_en
     monkeypatch.setattr(engine, "_eos_ids", engine._eos_ids | {end})
     short = engine.answer(QUESTIONS[0], "docs", max_new_tokens=20)
     assert short.finish_reason == "stop" and len(short.token_ids) < 20
-    row_events, returned = engine._row_events, threading.Event()
+    returned = threading.Event()
 
-    def held_until_returned(suffixes, *args):
+    def until_returned():
         """After row 0's Answer the batch waits until row 0's caller has returned (it would wait in vain if the
         answer came only once every row had ended)."""
-        for b, event in row_events(suffixes, *args):
-            yield b, event
-            if b == 0 and not isinstance(event, str):
-                assert returned.wait(10), "row 0's call did not return before its batch ended"
+        assert returned.wait(10), "row 0's call did not return before its batch ended"
 
-    monkeypatch.setattr(engine, "_row_events", held_until_returned)
+    hold_after_first_answer(engine, monkeypatch, until_returned)
     barrier = threading.Barrier(2)
     pieces: list[str] = []  # row 1's, streamed
 
@@ -396,3 +414,35 @@ def test_a_call_whose_row_ends_early_returns_before_its_batch_ends(coalescing_en
     assert second.token_ids == a1.token_ids and "".join(pieces) == second.text
     assert pieces_then < len(pieces)  # row 1 went on decoding after row 0's caller had its answer
     assert 0 < first.time_to_first_token <= first.total_time < second.total_time
+
+
+def test_a_call_queued_behind_a_batch_takes_the_row_of_an_ended_one(coalescing_engine, monkeypatch):
+    """Continuous batching: a call that arrives while a batch decodes is read into the row of a call that has ended
+    and decodes with the rows still going, rather than wait for the whole batch; it gets the answer it gets alone."""
+    engine, batches = coalescing_engine
+    a0, a1 = (engine.answer(q, "docs", max_new_tokens=20) for q in QUESTIONS[:2])
+    end = next(t for t in a0.token_ids[2:] if t not in a1.token_ids)  # row 0 ends at its third step
+    monkeypatch.setattr(engine, "_eos_ids", engine._eos_ids | {end})
+    alone = [engine.answer(q, "docs", max_new_tokens=20) for q in QUESTIONS[:3]]
+    assert len(alone[0].token_ids) < 20 and len(alone[1].token_ids) == 20
+    barrier, third = threading.Barrier(2), threading.Event()
+
+    def until_queued():  # after row 0's Answer the batch waits until the third call has queued behind it
+        third.set()
+        wait_for(lambda: sum(map(len, engine._coalescer._queues.values())) == 1)
+
+    joined = hold_after_first_answer(engine, monkeypatch, until_queued)
+
+    def call(i):
+        if i < 2:
+            barrier.wait()
+            time.sleep(0.05 * i)  # question 0 is row 0
+        else:
+            assert third.wait(10)
+        return engine.answer(QUESTIONS[i], "docs", max_new_tokens=20)
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, range(3)))
+    assert batches == [2] and joined == [3]  # one batch of two rows, which the third call joined
+    assert [a.token_ids for a in got] == [a.token_ids for a in alone]
+    assert got[2].finish_reason == alone[2].finish_reason

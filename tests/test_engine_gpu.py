@@ -22,6 +22,7 @@ import json
 import os
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hold_after_first_answer
 from sqz_integrations import SqueezeConfig, SqueezedEngine
 from sqz_integrations.corpus import ReadCounter
 from sqz_integrations.selection import CorpusRead
@@ -634,6 +636,52 @@ def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
     assert sizes == [len(prompts)] and e.cuda_graph_error is None
     assert [a.token_ids for a, _ in together] == [b.token_ids for b in batched]
     assert all("".join(pieces) == a.text for a, pieces in together if pieces is not None)
+
+
+def test_a_queued_call_joins_a_running_batch_on_cuda(world, monkeypatch):
+    """A call queued behind a decoding batch takes the row of a call that has ended (a CUDA-graph step feeds that
+    row until then; the joined question is read eagerly into it) and answers as it does alone, up to near ties."""
+    e = world.engine
+    monkeypatch.setattr(e._coalescer, "gather_window_s", float("inf"))
+    monkeypatch.setattr(e._coalescer, "gap_s", 0.05)
+    monkeypatch.setattr(e._coalescer, "max_wait_s", 0.5)
+    prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
+    kw = dict(max_new_tokens=16, kv_budget=BUDGET)
+    a0, a1 = (e.answer(p, world.flat, **kw) for p in prompts[:2])
+    end = next(t for t in a0.token_ids[2:] if t not in a1.token_ids)  # row 0 ends at its third step
+    monkeypatch.setattr(e, "_eos_ids", e._eos_ids | {end})
+    alone, margins = with_margins(monkeypatch, lambda: [e.answer(p, world.flat, **kw) for p in prompts])
+    assert len(alone[0].token_ids) < 16
+    sizes, third = [], threading.Event()
+    answer_rows = e._answer_rows
+    monkeypatch.setattr(e, "_answer_rows", lambda p, *a, **k: (sizes.append(len(p)), answer_rows(p, *a, **k))[1])
+
+    def until_queued():  # after row 0's Answer the batch waits until the third call has queued behind it
+        third.set()
+        end_by = time.monotonic() + 10
+        while sum(map(len, e._coalescer._queues.values())) != 1:
+            assert time.monotonic() < end_by
+            time.sleep(0.001)
+
+    joined = hold_after_first_answer(e, monkeypatch, until_queued)
+    barrier = threading.Barrier(2)
+
+    def call(i):
+        if i < 2:
+            barrier.wait()
+            time.sleep(0.01 * i)  # question 0 is row 0; within one gathering gap of it (0.05 s), so one batch
+        else:
+            assert third.wait(10)
+        return e.answer(prompts[i], world.flat, **kw)
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, range(3)))
+    parted = [first_difference(a.token_ids, b.token_ids) for a, b in zip(alone, got)]
+    _report(world=world.name, check="joined", batches=sizes, joined=joined, parted_at=parted,
+            margin_there=[None if i is None else m[i] for i, m in zip(parted, margins)])
+    assert sizes == [2] and joined == [3] and e.cuda_graph_error is None
+    for i, m in zip(parted, margins):
+        assert i is None or m[i] < NEAR_TIE
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
