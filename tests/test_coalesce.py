@@ -34,6 +34,11 @@ class BlockingRun:
         return [(key, t.item) for t in tickets]
 
 
+def queued(engine) -> int:
+    """Calls queued in the engine's coalescer (a leader's own call counts until it takes its batch)."""
+    return sum(map(len, engine._coalescer._queues.values()))
+
+
 def wait_for(predicate, timeout=10.0):
     end = time.monotonic() + timeout
     while not predicate():
@@ -306,7 +311,7 @@ def test_a_stream_closed_early_ends_its_row_and_the_batch_goes_on(coalescing_eng
 
     def whole_answer():
         barrier.wait()
-        time.sleep(0.05)  # after the stream: the stream's question is row 0
+        wait_for(lambda: queued(engine) == 1)  # after the stream's: the stream's question is row 0
         return engine.answer(QUESTIONS[1], "docs", max_new_tokens=30)
 
     with ThreadPoolExecutor(2) as pool:
@@ -401,7 +406,7 @@ def test_a_call_whose_row_ends_early_returns_before_its_batch_ends(coalescing_en
             got_at = len(pieces)  # row 1's pieces so far: the batch is held here
             returned.set()
             return got, got_at
-        time.sleep(0.05)  # question 0 is row 0
+        wait_for(lambda: queued(engine) == 1)  # after question 0's: question 0 is row 0
         stream = engine.stream_answer(QUESTIONS[1], "docs", max_new_tokens=20)
         for piece in stream:
             pieces.append(piece)
@@ -429,14 +434,15 @@ def test_a_call_queued_behind_a_batch_takes_the_row_of_an_ended_one(coalescing_e
 
     def until_queued():  # after row 0's Answer the batch waits until the third call has queued behind it
         third.set()
-        wait_for(lambda: sum(map(len, engine._coalescer._queues.values())) == 1)
+        wait_for(lambda: queued(engine) == 1)
 
     joined = hold_after_first_answer(engine, monkeypatch, until_queued)
 
     def call(i):
         if i < 2:
             barrier.wait()
-            time.sleep(0.05 * i)  # question 0 is row 0
+            if i:
+                wait_for(lambda: queued(engine) == 1)  # after question 0's: question 0 is row 0
         else:
             assert third.wait(10)
         return engine.answer(QUESTIONS[i], "docs", max_new_tokens=20)
