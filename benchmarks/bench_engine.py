@@ -353,9 +353,9 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     sizes: list[int] = []
     answer_rows = engine._answer_rows  # what answer_batch and the coalescer run
 
-    def counted(suffixes, *args, **kwargs):
-        sizes.append(len(suffixes))
-        return answer_rows(suffixes, *args, **kwargs)
+    def counted(questions, *args, **kwargs):
+        sizes.append(len(questions))
+        return answer_rows(questions, *args, **kwargs)
 
     def from_threads(stream: bool = False) -> list:
         barrier = threading.Barrier(rows)

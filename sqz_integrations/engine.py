@@ -28,7 +28,7 @@ from sqz_kernels import get_backend
 from . import attention, decode_graph, head_probe, storage
 from .batch import BatchRead
 from .calibration import Calibration
-from .coalesce import Coalescer, Ticket
+from .coalesce import Coalescer
 from .config import SqueezeConfig
 from .corpus import SqueezedCorpus, split_tokens, squeeze_layer
 from .generation import Answer, AnswerStream, Sampler, SamplingParams, SourceScore, TextAssembler
@@ -634,7 +634,7 @@ class SqueezedEngine:
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            return self._answer_tickets(key, [Ticket(_Question(suffix))])[0]
+            return self._answer_alone(_Question(suffix), corpus, params, key[2])
         events = self._coalesced_events(key, suffix, pieces=False)
         try:
             return next(event for event in events if isinstance(event, Answer))
@@ -653,8 +653,7 @@ class SqueezedEngine:
         def join(most: int, fits) -> list[_Question]:
             return [t.item for t in self._coalescer.take(key, tickets, most, fits)]
 
-        return self._answer_rows([q.suffix for q in questions], corpus, params, *read_options, questions=questions,
-                                 join=join)
+        return self._answer_rows(questions, corpus, params, *read_options, join=join)
 
     def _answer_alone(self, question: _Question, corpus: str, params: SamplingParams, read_options: tuple
                       ) -> Answer | None:
@@ -698,19 +697,16 @@ class SqueezedEngine:
             raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
         params = _sampling_params("answer_batch", max_new_tokens, kwargs)
         self.get_corpus(corpus)
-        suffixes = [self.layout.suffix_ids(p) for p in prompts]
-        return self._answer_rows(suffixes, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if suffixes else []
+        start = time.perf_counter()  # every answer's times count from the call
+        questions = [_Question(self.layout.suffix_ids(p), submitted=start) for p in prompts]
+        return self._answer_rows(questions, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if questions else []
 
-    def _answer_rows(self, suffixes: list[list[int]], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                     selection, question_budget, *, questions: list[_Question] | None = None, join=None
-                     ) -> list[Answer]:
-        """:meth:`answer_batch` of the questions whose dynamic token ids are ``suffixes`` (given as ``questions``:
-        each one's sink is handed its pieces as they are decoded, then its :class:`Answer` as soon as its row ends;
-        its times count from its ``submitted``); with ``join`` (see :meth:`_row_events`) also of the questions that
-        join the batch, whose answers follow the others' in the returned list."""
-        if questions is None:
-            start = time.perf_counter()
-            questions = [_Question(s, submitted=start) for s in suffixes]
+    def _answer_rows(self, questions: list[_Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
+                     selection, question_budget, *, join=None) -> list[Answer]:
+        """:meth:`answer_batch` of ``questions``: each one's sink is handed its pieces as they are decoded, then its
+        :class:`Answer` as soon as its row ends; its times count from its ``submitted``. With ``join`` (see
+        :meth:`_row_events`) also of the questions that join the batch, whose answers follow the others' in the
+        returned list."""
         answers: dict = {}
         for q, event in self._row_events(questions, corpus, params, kv_budget, hierarchical, selection, question_budget,
                                          join):

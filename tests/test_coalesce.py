@@ -156,9 +156,9 @@ def coalescing_engine(make_tiny_engine, monkeypatch):
     batches = []
     answer_rows = engine._answer_rows
 
-    def recorded(suffixes, *args, **kwargs):
-        batches.append(len(suffixes))
-        return answer_rows(suffixes, *args, **kwargs)
+    def recorded(questions, *args, **kwargs):
+        batches.append(len(questions))
+        return answer_rows(questions, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_answer_rows", recorded)
     return engine, batches
