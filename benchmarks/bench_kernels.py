@@ -542,6 +542,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         _log_ab(log, f"PDL A/B N={n} {mode} batch={batch}", ab)
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
+    if args.stats_tiles_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
+        rec["stats_tiles_ab"] = stats_tiles_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.fp8_sweep and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["fp8_sweep"] = fp8_sweep(ours, bf16, fp8, log, tag=f"N={n} batch={batch}")
     if args.prefill_ab and mode == "prefill":
@@ -726,6 +728,25 @@ def lookup_ab(ours, log, tag: str) -> dict:
     return _log_ab(log, f"lookup A/B {tag}", ab)
 
 
+def stats_tiles_ab(ours, log, tag: str) -> dict:
+    """Decode: the flat stats pass's centroid tiles x stages x splits on the whole path, A/B in one process
+    (alternated twice). At 512K batch 1 the default (128 centroids, 3 stages, 33 splits) deals 205 tiles per
+    KV head over 33 programs: 7 for some, 6 for most (a 13% longer critical path than the mean); smaller tiles
+    with more stages keep the bytes in flight and even out the split (64: 13 against a mean of 12.4)."""
+    variants = {"default": None}
+    for bc, stages in ((64, 4), (64, 5), (64, 6), (32, 8), (32, 10)):
+        variants[f"stats {bc} centroids / {stages} stages / 33 splits"] = LookupConfig(
+            stats_block_c=bc, num_stages=stages, num_splits=33)
+    variants["stats 128 centroids / 3 stages / 41 splits"] = LookupConfig(num_stages=3, num_splits=41)
+    variants["stats 128 centroids / 3 stages / 33 splits / 8 warps"] = LookupConfig(num_stages=3, num_splits=33,
+                                                                                      stats_warps=8)
+    ab = {}
+    for rep in range(2):
+        for name, lc in variants.items():
+            ab[f"whole {name} #{rep}"] = bench(ours(False, lc), graph=True)
+    return _log_ab(log, f"stats tiles A/B {tag}", ab)
+
+
 def fp8_sweep(ours, bf16, fp8, log, tag: str) -> dict:
     """Decode, flat, whole path: fp8 centroids under stats tiles of 128 / 256 centroids x splits x stages,
     against bf16 with the defaults (each variant timed twice, alternating)."""
@@ -802,6 +823,8 @@ def main():
     ap.add_argument("--logn-ab", action="store_true",
                     help="N >= 128K: the stats pass's log counts one tile ahead / in the tile's iteration, A/B")
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
+    ap.add_argument("--stats-tiles-ab", action="store_true",
+                    help="decode (N >= 128K): stats-pass centroid tiles x stages x splits on the whole path, A/B")
     ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")
