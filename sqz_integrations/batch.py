@@ -53,6 +53,11 @@ class RowTokens:
         self.row, self.new, self.on_device, self._lengths = None, 0, False, None
         self.live = self._live_idx = None
 
+    def empty_row(self, row: int) -> None:
+        """Row ``row`` holds no tokens: an ended row that a graph step still feeds while it waits for a question to
+        join (its slots would otherwise fill up)."""
+        self.lens[row] = 0
+
     def begin_row(self, row: int, new_tokens: int) -> None:
         if not 0 <= row < self.batch:
             raise IndexError(f"row {row} is not in a batch of {self.batch}")

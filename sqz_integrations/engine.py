@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from sqz_kernels import get_backend
 
 from . import attention, decode_graph, head_probe, storage
 from .batch import BatchRead
+from .batch_decode import BatchDecodingMixin, Question
 from .calibration import Calibration
 from .coalesce import Coalescer
 from .config import SqueezeConfig
@@ -59,18 +60,7 @@ def _sampling_params(name: str, max_new_tokens: int, kwargs: dict) -> SamplingPa
                           tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
 
 
-@dataclasses.dataclass(eq=False)
-class _Question:
-    """One call handed to the coalescer: its question's dynamic token ids and, for a stream, where its text
-    pieces go and whether its reader has left."""
-
-    suffix: list[int]
-    sink: Callable[[str], None] | None = None
-    cancelled: threading.Event | None = None
-    submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
-
-
-class SqueezedEngine:
+class SqueezedEngine(BatchDecodingMixin):
     """One model in memory serving any number of squeezed corpora.
 
     Args:
@@ -601,7 +591,7 @@ class SqueezedEngine:
         text pieces it is sent (if ``pieces``), then the Answer, which comes as soon as the question's row ends."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         sink = events.put if pieces else (lambda event: events.put(event) if isinstance(event, Answer) else None)
-        question = _Question(suffix, sink=sink, cancelled=threading.Event())
+        question = Question(suffix, sink=sink, cancelled=threading.Event())
 
         def submit() -> None:
             try:
@@ -634,7 +624,7 @@ class SqueezedEngine:
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            return self._answer_alone(_Question(suffix), corpus, params, key[2])
+            return self._answer_alone(Question(suffix), corpus, params, key[2])
         events = self._coalesced_events(key, suffix, pieces=False)
         try:
             return next(event for event in events if isinstance(event, Answer))
@@ -642,7 +632,7 @@ class SqueezedEngine:
             events.close()
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
-        """The coalescer's batch of questions (:class:`_Question`): one call alone through the stream path, several
+        """The coalescer's batch of questions (:class:`Question`): one call alone through the stream path, several
         as a batch, which calls queued meanwhile join as its rows end; each question's sink gets its pieces as they
         are decoded, then its Answer as soon as its row ends."""
         corpus, params, read_options = key
@@ -650,12 +640,12 @@ class SqueezedEngine:
         if len(questions) == 1:
             return [self._answer_alone(questions[0], corpus, params, read_options)]
 
-        def join(most: int, fits) -> list[_Question]:
+        def join(most: int, fits) -> list[Question]:
             return [t.item for t in self._coalescer.take(key, tickets, most, fits)]
 
         return self._answer_rows(questions, corpus, params, *read_options, join=join)
 
-    def _answer_alone(self, question: _Question, corpus: str, params: SamplingParams, read_options: tuple
+    def _answer_alone(self, question: Question, corpus: str, params: SamplingParams, read_options: tuple
                       ) -> Answer | None:
         """One question through the stream path, its pieces and then its Answer to its sink; None if its reader
         left first."""
@@ -698,171 +688,8 @@ class SqueezedEngine:
         params = _sampling_params("answer_batch", max_new_tokens, kwargs)
         self.get_corpus(corpus)
         start = time.perf_counter()  # every answer's times count from the call
-        questions = [_Question(self.layout.suffix_ids(p), submitted=start) for p in prompts]
+        questions = [Question(self.layout.suffix_ids(p), submitted=start) for p in prompts]
         return self._answer_rows(questions, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if questions else []
-
-    def _answer_rows(self, questions: list[_Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                     selection, question_budget, *, join=None) -> list[Answer]:
-        """:meth:`answer_batch` of ``questions``: each one's sink is handed its pieces as they are decoded, then its
-        :class:`Answer` as soon as its row ends; its times count from its ``submitted``. With ``join`` (see
-        :meth:`_row_events`) also of the questions that join the batch, whose answers follow the others' in the
-        returned list."""
-        answers: dict = {}
-        for q, event in self._row_events(questions, corpus, params, kv_budget, hierarchical, selection, question_budget,
-                                         join):
-            if isinstance(event, Answer):
-                answers[q] = event
-            if event and q.sink is not None:
-                q.sink(event)
-        return [answers.get(q) for q in questions]
-
-    @torch.inference_mode()
-    def _row_events(self, questions: list[_Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                    selection, question_budget, join=None) -> Iterator[tuple[_Question, str | Answer]]:
-        """The batch of ``questions``: yields ``(question, text piece)`` as the rows decode and ``(question, Answer)``
-        as each row ends (before the next step), so a short answer is not held back by the batch's longest. A
-        question whose ``cancelled`` event is set stops at the next step (finish reason ``"cancelled"``).
-
-        ``join(free_rows, fits) -> [_Question]`` (None: none join): questions queued meanwhile that take the rows of
-        ended ones, at most ``free_rows``, each one that ``fits`` the batch's buffers; they are appended to
-        ``questions`` and read into their rows (one forward each, alone) before the batch's next step."""
-        c = self.get_corpus(corpus)
-        max_new_tokens = params.max_new_tokens
-        n = len(questions)
-        slot = None
-        tokens_needed = max(len(q.suffix) for q in questions) + max_new_tokens
-        with self._device_lock.shared():
-            plan = self._plan(c, kv_budget, hierarchical, selection, question_budget)
-            if self._graphs_for(c, plan, max_new_tokens):
-                slot = self._graph_slot(c, plan, tokens_needed, batch=n)
-                read, plan = slot.read, slot.read.plan
-            else:  # with room (as a pooled graph's read has) for the longer questions of calls that join
-                capacity = tokens_needed if join is None else decode_graph.capacity_for(tokens_needed)
-                read = BatchRead(c, plan, n, capacity, track_sources=c.config.sources)
-        occupant = list(questions)  # the question each row answers now
-        samplers = [Sampler(params, self.device) for _ in range(n)]
-        texts = [self._text_assembler(params) for _ in range(n)]
-        finish, first_token, ended = ["length"] * n, [0.0] * n, [0.0] * n  # times: perf_counter
-        done, last, answered = [False] * n, [0] * n, [False] * n
-
-        def take(b: int, token: int) -> str:
-            """Row b's new token -> the text it makes safe to show."""
-            last[b] = token
-            piece = ""
-            if token in self._eos_ids:
-                finish[b] = "stop"
-            else:
-                piece = texts[b].push(token)
-                if texts[b].stopped:
-                    finish[b] = "stop"
-            done[b] = finish[b] == "stop" or len(texts[b].ids) >= max_new_tokens
-            if done[b]:
-                ended[b] = time.perf_counter()
-            return piece
-
-        def read_alone(b: int) -> Iterator[tuple[_Question, str]]:
-            """Row b's question read alone into its row (its own pins): its first token."""
-            q = occupant[b]
-            with self._device_lock.shared():
-                read.dyn.begin_row(b, len(q.suffix))
-                logits = self._forward(q.suffix, c.n_tokens, None, read)
-                read.dyn.end()
-                token = samplers[b](logits[-1])
-            first_token[b] = time.perf_counter()
-            yield q, take(b, token)
-
-        def finished() -> Iterator[tuple[_Question, str | Answer]]:
-            """Each row done since the last call: its last text, then its Answer, now rather than at the batch's end
-            (its counts are final: a done row is fed, but nothing it reads is counted)."""
-            for b in range(n):
-                if done[b] and not answered[b]:
-                    answered[b] = True
-                    q = occupant[b]
-                    yield q, texts[b].finish()
-                    with self._device_lock.shared():
-                        answer = self._answer_record(c, corpus, q.suffix, plan, read.row_view(b), texts[b], finish[b],
-                                                     first_token[b] - q.submitted, q.submitted)
-                    yield q, dataclasses.replace(answer, total_time=ended[b] - q.submitted)
-
-        if plan.reads_all(1) and n > 1:
-            # the questions read the whole corpus (the default question_budget=1.0): one forward for all of them,
-            # right-padded to the longest (causal: no real token sees the padding); per-row pins and sources come
-            # from each row's real tokens (BatchRead)
-            suffixes = [q.suffix for q in questions]
-            lengths = [len(x) for x in suffixes]
-            width = max(lengths)
-            wanted = sorted(set(t - 1 for t in lengths))  # the last real position of each row
-            with self._device_lock.shared():
-                read.dyn.begin_rows(lengths)
-                logits = self.model(
-                    input_ids=torch.tensor([x + x[-1:] * (width - len(x)) for x in suffixes], device=self.device),
-                    position_ids=(c.n_tokens + torch.arange(width, device=self.device)).expand(n, -1),
-                    use_cache=False, squeeze=read, logits_to_keep=torch.tensor(wanted, device=self.device),
-                    **{self._cache_arg: None},
-                ).logits
-                read.dyn.end()
-                tokens = [samplers[b](logits[b, wanted.index(t - 1)]) for b, t in enumerate(lengths)]
-            for b, token in enumerate(tokens):
-                first_token[b] = time.perf_counter()
-                yield occupant[b], take(b, token)
-        else:
-            for b in range(n):  # each question alone, into its row
-                yield from read_alone(b)
-
-        def fits(q: _Question) -> bool:
-            return len(q.suffix) + max_new_tokens <= read.dyn.capacity
-
-        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does,
-        # or from the first with a pooled one
-        graphs = slot is not None
-        step, steps = (slot.step if graphs else None), 0
-        while True:
-            for b in range(n):  # a reader that left (a coalesced stream closed early): its row stops here
-                cancelled = occupant[b].cancelled
-                if not done[b] and cancelled is not None and cancelled.is_set():
-                    done[b], finish[b], ended[b] = True, "cancelled", time.perf_counter()
-            yield from finished()
-            free = [b for b in range(n) if answered[b]] if join is not None else []
-            for b, q in zip(free, join(len(free), fits) if free else []):
-                questions.append(q)
-                occupant[b], samplers[b], texts[b] = q, Sampler(params, self.device), self._text_assembler(params)
-                finish[b], done[b], answered[b] = "length", False, False
-                with self._device_lock.shared():
-                    read.reset_row(b)
-                yield from read_alone(b)
-            if free:
-                yield from finished()  # a joined question may end at its first token
-            if all(done):
-                break
-            if graphs and step is None and steps == 2:
-                step = slot.step = self._capture(read, batch=n)
-                graphs = step is not None
-            if join is not None and graphs:
-                for b in range(n):  # a graph step feeds an ended row too: keep its slots from filling up meanwhile
-                    if answered[b]:
-                        read.dyn.lens[b] = 0
-            # a graph step feeds every row (an ended one is fed and not counted); an eager one the live rows only
-            fed = list(range(n)) if graphs else [b for b in range(n) if not done[b]]
-            positions = [c.n_tokens + read.dyn.lens[b] for b in fed]
-            with self._device_lock.shared():
-                read.set_active([not d for d in done])
-                if step is not None:
-                    logits = step(last, positions)
-                else:
-                    read.dyn.begin(1, on_device=graphs, rows=None if graphs else fed)
-                    logits = self.model(
-                        input_ids=torch.tensor([last[b] for b in fed], device=self.device).unsqueeze(1),
-                        position_ids=torch.tensor(positions, device=self.device).unsqueeze(1),
-                        use_cache=False, squeeze=read, logits_to_keep=1, **{self._cache_arg: None},
-                    ).logits[:, -1]
-                    read.dyn.end()
-                read.end_step()
-                tokens = {b: samplers[b](logits[i]) for i, b in enumerate(fed) if not done[b]}
-            steps += 1
-            for b, token in tokens.items():
-                yield occupant[b], take(b, token)
-        if slot is not None and self.cuda_graph_error is None:
-            self._graph_pool.give(c.name, slot)  # only now: every row's record has read the read's counters
 
     def _text_assembler(self, params: SamplingParams) -> TextAssembler:
         return TextAssembler(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
