@@ -354,14 +354,16 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     answer_rows = engine._answer_rows  # what answer_batch and the coalescer run
 
     def counted(questions, *args, **kwargs):
-        sizes.append(len(questions))
-        return answer_rows(questions, *args, **kwargs)
+        answers = answer_rows(questions, *args, **kwargs)
+        sizes.append(len(questions))  # its first questions and those that joined it
+        return answers
 
-    def from_threads(stream: bool = False) -> list:
+    def from_threads(stream: bool = False, stagger_s: float = 0.0) -> list:
         barrier = threading.Barrier(rows)
 
         def ask(q):
             barrier.wait()
+            time.sleep(questions.index(q) * stagger_s)  # staggered: call i arrives i gaps after the first
             if stream:
                 answer_stream = engine.stream_answer(q, "bench", max_new_tokens=new_tokens, kv_budget=budget)
                 for _ in answer_stream:
@@ -380,13 +382,25 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     timings = {}
     engine._answer_rows = counted
     try:
-        for way in ("one by one", "batch", "threads", "streams", "threads alone"):
+        for way in ("one by one", "batch", "threads", "streams", "threads alone", "staggered", "staggered, no growth",
+                    "staggered alone"):
+            engine.max_coalesced = 1 if way.endswith("alone") else rows
+            if way == "staggered":  # once untimed: the widths it grows through capture their graphs, as in a service
+                from_threads(stagger_s=timings["one by one"]["seconds"] / rows / rows)
             sizes.clear()
-            engine.max_coalesced = 1 if way == "threads alone" else rows
             sync(device)
             t0 = time.perf_counter()
             if way == "batch":
                 answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+            elif way.startswith("staggered"):
+                # the calls arrive one by one over the time of one answer alone (one by one's mean); "no growth":
+                # a batch keeps its width, so calls queued behind it wait for its rows to end
+                if way == "staggered, no growth":
+                    engine._coalescer.waiting = lambda key, fits: 0
+                try:
+                    answers = from_threads(stagger_s=timings["one by one"]["seconds"] / rows / rows)
+                finally:
+                    engine._coalescer.__dict__.pop("waiting", None)
             elif way.startswith("threads") or way == "streams":
                 answers = from_threads(stream=way == "streams")
             else:
@@ -410,7 +424,7 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
             out[f"equal_{tag}"] = sum(a == b for a, b in zip(one["ids"], t["ids"]))
             out[f"leading_equal_{tag}"] = [leading_equal(a, b) for a, b in zip(one["ids"], t["ids"])]
             out[f"kept_{tag}"] = t["kept"]
-        if way.startswith("threads") or way == "streams":
+        if way != "one by one":
             out[f"batches_{tag}"] = t["batches"]
     return out
 
@@ -460,6 +474,20 @@ def markdown(meta: dict, records: list[dict]) -> str:
                          f"{b['tokens_per_s_threads_alone']:.1f} | {b['tokens_per_s_batch'] / one:.2f}x | "
                          f"{b['tokens_per_s_threads'] / one:.2f}x | {b['equal_batch']}/{b['rows']} / "
                          f"{b['equal_threads']}/{b['rows']} / {b['equal_streams']}/{b['rows']} |")
+    if batches:
+        lines += ["", "Staggered arrivals: the same questions from as many threads, call i arriving i gaps after the first, "
+                  "the calls spread over the time of one answer alone: coalesced (a running batch grows to seat the "
+                  "calls that queue behind it), coalesced with no growth (a batch keeps its width: they wait for its "
+                  "rows to end), and each alone. Tokens per second over the whole set (final batch sizes) / median time "
+                  "to first token in ms, counted from each call.", "",
+                  "| corpus tokens | budget | questions | gap ms | coalesced, growing | coalesced, no growth | alone |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, b in batches:
+            cells = [f"{b[f'tokens_per_s_{tag}']:.1f} ({'+'.join(map(str, b.get(f'batches_{tag}', []))) or '-'}) / "
+                     f"{1e3 * b[f'median_ttft_s_{tag}']:.0f}" for tag in ("staggered", "staggered,_no_growth")]
+            cells.append(f"{b['tokens_per_s_staggered_alone']:.1f} / {1e3 * b['median_ttft_s_staggered_alone']:.0f}")
+            gap = 1e3 * b["seconds_one_by_one"] / b["rows"] / b["rows"]
+            lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {gap:.1f} | " + " | ".join(cells) + " |")
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:

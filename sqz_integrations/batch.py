@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .corpus import SqueezedCorpus
+from .decode_graph import HostInts
 from .selection import CorpusRead, ReadPlan, kept_sums
 
 
@@ -46,6 +47,7 @@ class RowTokens:
         self.values: dict[int, torch.Tensor] = {}
         self._slots = torch.zeros(batch, dtype=torch.long, device=device)  # where each row's new token goes
         self._valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self._slots_from_host = HostInts(self._slots)
 
     def reset(self) -> None:
         """Empty, for another batch: the buffers stay where they are (a captured graph reads them)."""
@@ -57,6 +59,19 @@ class RowTokens:
         """Row ``row`` holds no tokens: an ended row that a graph step still feeds while it waits for a question to
         join (its slots would otherwise fill up)."""
         self.lens[row] = 0
+
+    def adopt_rows(self, src: "RowTokens") -> None:
+        """Rows ``0 .. src.batch - 1`` take over ``src``'s rows as they stand (a batch grown wider moves here), in
+        place: a captured graph reads these buffers. The rows after them stay as they are (empty after a reset)."""
+        if src.batch > self.batch or src.capacity != self.capacity:
+            raise ValueError(f"rows of {src.batch} x {src.capacity} slots cannot move into {self.batch} x {self.capacity}")
+        for layer_idx, k in src.keys.items():
+            if layer_idx not in self.keys:
+                self.keys[layer_idx] = k.new_zeros(self.batch, *k.shape[1:])
+                self.values[layer_idx] = src.values[layer_idx].new_zeros(self.batch, *src.values[layer_idx].shape[1:])
+            self.keys[layer_idx][: src.batch] = k
+            self.values[layer_idx][: src.batch] = src.values[layer_idx]
+        self.lens[: src.batch] = src.lens
 
     def begin_row(self, row: int, new_tokens: int) -> None:
         if not 0 <= row < self.batch:
@@ -85,7 +100,7 @@ class RowTokens:
         self._check(max(self.lens[r] for r in (self.live or range(self.batch))) + 1)
         self.row, self.new, self.on_device = None, 1, on_device
         self._lengths = None
-        self._slots.copy_(torch.tensor(self.lens))
+        self._slots_from_host.copy(self.lens)
         torch.add(self._slots, 1, out=self._valid)
         self._live_idx = None if self.live is None else torch.tensor(self.live, device=self._slots.device)
 
@@ -172,6 +187,8 @@ class BatchRead(CorpusRead):
         """Which rows still decode: the others are fed, but nothing they read is counted."""
         if len(active) != self.batch:
             raise ValueError(f"{len(active)} flags for a batch of {self.batch}")
+        if list(active) == self.active:
+            return  # the device copy as it is: most steps change no row (a copy from the host waits for the device)
         self.active = list(active)
         self._active_dev.copy_(torch.tensor(self.active, dtype=torch.float64))
 
@@ -195,8 +212,12 @@ class BatchRead(CorpusRead):
         if pins is None:
             return None
         if self.dyn.row is not None:
-            return pins[self.dyn.row:self.dyn.row + 1]
-        return pins if self.dyn.live is None else pins[self.dyn._live_idx]
+            pins = pins[self.dyn.row:self.dyn.row + 1]
+        elif self.dyn.live is not None:
+            pins = pins[self.dyn._live_idx]
+        # one row's pins as a single answer's (KV heads, clusters): the fused Triton lookup takes those (a lone call's
+        # batch of one, as coalesced calls start), not per-row ones
+        return pins[0] if pins.shape[0] == 1 else pins
 
     def _pin_question(self, layer_idx, layer, q, dyn_k, scale) -> None:
         if self.dyn._lengths is None:
@@ -291,6 +312,27 @@ class BatchRead(CorpusRead):
         for pins in self.pins.values():
             pins[row].zero_()
         self.dyn.lens[row] = 0
+
+    def adopt_rows(self, src: "BatchRead") -> None:
+        """Rows ``0 .. src.batch - 1`` take over ``src``'s rows as they stand: their dynamic tokens, copy pins and
+        counts (a running batch grown wider, :mod:`~sqz_integrations.batch_decode`). Same corpus and plan; this read
+        was just made or reset, so its other rows are empty."""
+        if src.corpus is not self.corpus or src.plan.kv_budget != self.plan.kv_budget:
+            raise ValueError("rows move only between reads of one corpus with one plan")
+        rows = slice(0, src.batch)
+        self.dyn.adopt_rows(src.dyn)
+        self.row_keys[:, rows] = src.row_keys
+        self.row_scored_dev[rows] = src.row_scored_dev
+        self.row_mass[rows] = src.row_mass
+        for b in range(src.batch):
+            self.row_steps[b] = list(src.row_steps[b])
+            self.row_scored_host[b] = src.row_scored_host[b]
+        for layer_idx, pins in src.pins.items():
+            if layer_idx not in self.pins:
+                self.pins[layer_idx] = pins.new_zeros(self.batch, *pins.shape[1:])
+            self.pins[layer_idx][rows] = pins
+        for layer_idx, scored in src._step_scored.items():  # the same for every read of this plan (see end_step)
+            self._step_scored.setdefault(layer_idx, scored)
 
     def host_counters(self):
         """Nothing for ``decode_graph.GraphedStep`` to carry over: :meth:`end_step` counts the host side."""

@@ -36,6 +36,22 @@ class Question:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
 
 
+@dataclasses.dataclass(frozen=True)
+class Joins:
+    """How a running batch reaches the calls queued behind it (the engine's coalescer): ``take(most, fits)`` moves up
+    to ``most`` of those that ``fits`` the batch's buffers into it, ``waiting(fits)`` counts them, and the batch may
+    grow to ``max_rows`` rows to seat them."""
+
+    take: Callable[[int, Callable[[Question], bool]], list[Question]]
+    waiting: Callable[[Callable[[Question], bool]], int]
+    max_rows: int
+
+
+def _width_for(rows: int, max_rows: int) -> int:
+    """A batch grows to a power of two of rows (at most ``max_rows``): few widths, so few CUDA graphs to capture."""
+    return min(max_rows, 1 << (rows - 1).bit_length())
+
+
 class _Rows:
     """Where each row of a decoding batch stands: the question it answers now, its sampler and text, its last token,
     whether it is done (and its Answer handed on), why it finished and when (``time.perf_counter``)."""
@@ -57,6 +73,19 @@ class _Rows:
         self.occupant[b], self.samplers[b], self.texts[b] = question, Sampler(self.params, self.device), self.new_text()
         self.finish[b], self.done[b], self.answered[b] = "length", False, False
 
+    def widen(self, width: int) -> None:
+        """Rows added up to ``width``, free (done and handed on) until a question is seated in them."""
+        more = width - len(self.occupant)
+        self.occupant += [None] * more
+        self.samplers += [None] * more
+        self.texts += [None] * more
+        self.finish += ["length"] * more
+        self.done += [True] * more
+        self.answered += [True] * more
+        self.first_token += [0.0] * more
+        self.ended += [0.0] * more
+        self.last += [0] * more
+
     def take(self, b: int, token: int) -> str:
         """Row ``b``'s new token -> the text it makes safe to show."""
         self.last[b] = token
@@ -75,7 +104,7 @@ class _Rows:
     def cancel_left(self) -> None:
         """A reader that left (a coalesced stream closed early): its row stops here."""
         for b, q in enumerate(self.occupant):
-            if not self.done[b] and q.cancelled is not None and q.cancelled.is_set():
+            if not self.done[b] and q is not None and q.cancelled is not None and q.cancelled.is_set():
                 self.done[b], self.finish[b], self.ended[b] = True, "cancelled", time.perf_counter()
 
 
@@ -104,8 +133,9 @@ class BatchDecodingMixin:
         as each row ends (before the next step), so a short answer is not held back by the batch's longest. A
         question whose ``cancelled`` event is set stops at the next step (finish reason ``"cancelled"``).
 
-        ``join(free_rows, fits) -> [Question]`` (None: none join): questions queued meanwhile that take the rows of
-        ended ones, at most ``free_rows``, each one that ``fits`` the batch's buffers; they are appended to
+        ``join`` (:class:`Joins`; None: none join): questions queued meanwhile that fit the batch's buffers take the
+        rows of ended ones and, where more wait than rows are free, rows the batch adds (it grows, up to
+        ``join.max_rows``, into a wider read that takes over its rows as they stand); they are appended to
         ``questions`` and read into their rows (one forward each, alone) before the batch's next step."""
         c = self.get_corpus(corpus)
         max_new_tokens = params.max_new_tokens
@@ -174,15 +204,40 @@ class BatchDecodingMixin:
         def fits(q: Question) -> bool:
             return len(q.suffix) + max_new_tokens <= read.dyn.capacity
 
-        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the third, as _decode does,
+        # steps of every row: eager, then (CUDA, Triton) replayed from a graph captured at the second (a row's third
+        # token, as _decode captures: the eager step before it has compiled and warmed every kernel the graph records),
         # or from the first with a pooled one
         graphs = slot is not None
         step, steps = (slot.step if graphs else None), 0
+
+        def widen(width: int) -> None:
+            """The batch, its rows as they stand, moved into a read of ``width`` rows (pooled with its graph where one
+            was captured for that width, else new, captured at its third step as at a batch's start)."""
+            nonlocal slot, read, plan, n, step, steps
+            with self._device_lock.shared():
+                if graphs:
+                    wider = self._graph_slot(c, plan, tokens_needed, batch=width)
+                    wider.read.adopt_rows(read)
+                    if self.cuda_graph_error is None:
+                        self._graph_pool.give(c.name, slot)  # its rows' counts are in the wider read now
+                    slot, read, plan, step = wider, wider.read, wider.read.plan, wider.step
+                else:
+                    wider = BatchRead(c, plan, width, read.dyn.capacity, track_sources=c.config.sources)
+                    wider.adopt_rows(read)
+                    read = wider
+            rows.widen(width)
+            n, steps = width, 0
+
         while True:
             rows.cancel_left()
             yield from finished()
             free = [b for b in range(n) if rows.answered[b]] if join is not None else []
-            for b, q in zip(free, join(len(free), fits) if free else []):
+            if join is not None and n < join.max_rows:
+                waiting = join.waiting(fits)
+                if waiting > len(free):
+                    widen(_width_for(n - len(free) + waiting, join.max_rows))
+                    free = [b for b in range(n) if rows.answered[b]]
+            for b, q in zip(free, join.take(len(free), fits) if free else []):
                 questions.append(q)
                 rows.seat(b, q)
                 with self._device_lock.shared():
@@ -192,7 +247,7 @@ class BatchDecodingMixin:
                 yield from finished()  # a joined question may end at its first token
             if all(rows.done):
                 break
-            if graphs and step is None and steps == 2:
+            if graphs and step is None and steps == 1:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None
             if join is not None and graphs:

@@ -10,13 +10,14 @@ takes up to ``max_rows`` of the calls queued, runs them as one batch and hands e
 exception). Calls that arrive while a batch runs queue up; when it ends, the oldest of them leads the next
 batch. Different keys never wait for each other.
 
-A batch that has room again (a row whose call has ended) may :meth:`Coalescer.take` calls queued meanwhile into it,
-rather than leave them to wait for the whole batch to end.
+A running batch may :meth:`Coalescer.take` calls queued meanwhile into it (into the row of a call that has ended, or
+into rows it adds: :meth:`Coalescer.waiting` says how many wait), rather than leave them to wait for the whole batch
+to end; so a call that arrives while a lone call decodes joins it at its next step.
 
 Before it starts, a leader waits while other calls keep arriving (``gap_s`` at a time, at most ``max_wait_s``),
 but only if calls have overlapped in the last ``gather_window_s`` seconds: a lone interactive call starts at once
 (on a GPU a wait of 2 ms would be a fifth of a short answer's first token), and the first call of a burst
-starts alone while the rest of the burst queues behind it.
+starts alone while the rest of the burst queues behind it (and joins it, where the batch can grow).
 """
 from __future__ import annotations
 
@@ -92,6 +93,12 @@ class Coalescer:
                 self._queues[key] = [t for t in queue if t not in taken]
         batch.extend(taken)
         return taken
+
+    def waiting(self, key: Hashable, fits: Callable[[Any], bool]) -> int:
+        """From inside ``run(key, batch)``: how many calls are queued for ``key`` whose item ``fits`` (what a batch
+        that could grow wider would :meth:`take`)."""
+        with self._lock:
+            return sum(1 for t in self._queues.get(key, []) if fits(t.item))
 
     def _gather(self, key: Hashable) -> None:
         """Wait while calls of ``key`` keep arriving: a lone call waits one gap."""

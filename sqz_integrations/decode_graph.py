@@ -144,6 +144,21 @@ class DynamicTokens:
         return keys[:, :, :end], values[:, :, :end], None
 
 
+class HostInts:
+    """A small integer device tensor refreshed from Python every decode step without a host sync: the values are
+    staged in pinned host memory (on CUDA) and copied asynchronously, where a plain ``copy_`` from a host list waits
+    for the device. Reusing the staging buffer is safe because the engine reads each step's logits on the host (its
+    sampler) before it stages the next step's values: the previous copy has run by then."""
+
+    def __init__(self, dst: torch.Tensor):
+        self.dst = dst
+        self.host = torch.zeros(dst.shape, dtype=dst.dtype, pin_memory=dst.is_cuda)
+
+    def copy(self, values) -> None:
+        self.host.view(-1).copy_(torch.as_tensor(values, dtype=self.host.dtype).view(-1))
+        self.dst.copy_(self.host, non_blocking=True)
+
+
 class GraphedStep:
     """One decode step of ``model`` with ``read``, recorded as a CUDA graph; :meth:`__call__` replays it.
 
@@ -159,6 +174,7 @@ class GraphedStep:
         self.batch = batch
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self._ids, self._positions = HostInts(self.input_ids), HostInts(self.position_ids)  # rows' values, no sync
         before = read.host_counters()
         store.on_device = True
         try:
@@ -170,7 +186,7 @@ class GraphedStep:
                     input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False,
                     squeeze=read, logits_to_keep=1, **{cache_arg: None},
                 ).logits
-                self.logits = logits[0] if batch == 1 else logits[:, -1]
+                self.logits = logits[:, -1]  # (batch, vocab)
         finally:
             after = read.host_counters()
             read.set_host_counters(before)
@@ -179,14 +195,14 @@ class GraphedStep:
         )
 
     def __call__(self, token: int | list[int], position: int | list[int]) -> torch.Tensor:
-        """Logits ``(1, vocab)`` of ``token`` at ``position`` (valid until the next call); for a batch, lists of one
-        token and position per row and logits ``(batch, vocab)``."""
-        if self.batch == 1:
+        """Logits ``(1, vocab)`` of ``token`` at ``position`` (valid until the next call); for the rows of a batch
+        (a batch of one too), lists of one token and position per row and logits ``(batch, vocab)``."""
+        if isinstance(token, int):
             self.input_ids.fill_(token)
             self.position_ids.fill_(position)
         else:
-            self.input_ids.copy_(torch.tensor(token).view(-1, 1))
-            self.position_ids.copy_(torch.tensor(position).view(-1, 1))
+            self._ids.copy(token)
+            self._positions.copy(position)
         self.store.begin(1, on_device=True)
         with self.lock.shared():
             self.graph.replay()

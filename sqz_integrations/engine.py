@@ -9,7 +9,6 @@ On CUDA with the Triton kernels, the read holds those tokens itself and decode s
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -27,7 +26,7 @@ from sqz_kernels import get_backend
 
 from . import attention, decode_graph, head_probe, storage
 from .batch import BatchRead
-from .batch_decode import BatchDecodingMixin, Question
+from .batch_decode import BatchDecodingMixin, Joins, Question
 from .calibration import Calibration
 from .coalesce import Coalescer
 from .config import SqueezeConfig
@@ -624,7 +623,8 @@ class SqueezedEngine(BatchDecodingMixin):
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
         key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            return self._answer_alone(Question(suffix), corpus, params, key[2])
+            *_, answer = self._events(suffix, corpus, params, *key[2])  # its text pieces, then its Answer
+            return answer
         events = self._coalesced_events(key, suffix, pieces=False)
         try:
             return next(event for event in events if isinstance(event, Answer))
@@ -632,37 +632,13 @@ class SqueezedEngine(BatchDecodingMixin):
             events.close()
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
-        """The coalescer's batch of questions (:class:`Question`): one call alone through the stream path, several
-        as a batch, which calls queued meanwhile join as its rows end; each question's sink gets its pieces as they
-        are decoded, then its Answer as soon as its row ends."""
+        """The coalescer's batch of questions (:class:`Question`), as rows that calls queued meanwhile join (in the
+        rows of ended ones, or in rows the batch adds: a lone call's batch grows as calls arrive); each question's
+        sink gets its pieces as they are decoded, then its Answer as soon as its row ends."""
         corpus, params, read_options = key
-        questions = [t.item for t in tickets]
-        if len(questions) == 1:
-            return [self._answer_alone(questions[0], corpus, params, read_options)]
-
-        def join(most: int, fits) -> list[Question]:
-            return [t.item for t in self._coalescer.take(key, tickets, most, fits)]
-
-        return self._answer_rows(questions, corpus, params, *read_options, join=join)
-
-    def _answer_alone(self, question: Question, corpus: str, params: SamplingParams, read_options: tuple
-                      ) -> Answer | None:
-        """One question through the stream path, its pieces and then its Answer to its sink; None if its reader
-        left first."""
-        start = time.perf_counter()
-        events = self._events(question.suffix, corpus, params, *read_options)
-        answer = None
-        for event in events:
-            if isinstance(event, Answer):  # counted from the call: its wait for the coalescer added
-                waited = start - question.submitted
-                event = answer = dataclasses.replace(event, time_to_first_token=event.time_to_first_token + waited,
-                                                     total_time=event.total_time + waited)
-            elif question.cancelled is not None and question.cancelled.is_set():
-                events.close()  # as when a caller stops iterating its own stream
-                break
-            if question.sink is not None:
-                question.sink(event)
-        return answer
+        joins = Joins(take=lambda most, fits: [t.item for t in self._coalescer.take(key, tickets, most, fits)],
+                      waiting=lambda fits: self._coalescer.waiting(key, fits), max_rows=self._coalescer.max_rows)
+        return self._answer_rows([t.item for t in tickets], corpus, params, *read_options, join=joins)
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
         """The answer's text (see :meth:`stream_answer` for the arguments)."""

@@ -106,3 +106,21 @@ def hold_after_first_answer(engine, monkeypatch, then) -> list[int]:
 
     monkeypatch.setattr(engine, "_row_events", held)
     return sizes
+
+
+def hold_after_first_token(engine, monkeypatch, then) -> list[int]:
+    """Wraps ``engine._row_events`` so that a batch that starts with one question (a lone call's) calls ``then()`` once
+    that question has its first token, before the batch's first step (a test lets calls queue behind it there).
+    -> a list that gets each batch's number of questions when it ends (its first ones and those that joined it)."""
+    row_events, sizes = engine._row_events, []
+
+    def held(questions, *args):
+        lone = len(questions) == 1
+        for i, (q, event) in enumerate(row_events(questions, *args)):
+            yield q, event
+            if i == 0 and lone:
+                then()
+        sizes.append(len(questions))
+
+    monkeypatch.setattr(engine, "_row_events", held)
+    return sizes

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import hold_after_first_answer, random_text
+from conftest import hold_after_first_answer, hold_after_first_token, random_text
 from sqz_integrations import SqueezeConfig
+from sqz_integrations.batch import BatchRead
 from sqz_integrations.coalesce import Coalescer
 
 DOCS = [random_text(120, seed=4), random_text(100, seed=5)]
@@ -123,13 +124,15 @@ def test_a_leader_interrupted_before_its_batch_leaves_no_leaderless_queue():
 
 
 def test_a_running_batch_takes_queued_calls_that_fit():
-    coalescer, taken = None, []
+    coalescer, taken, waiting = None, [], []
 
     def run(key, tickets):
         if tickets[0].item == 0:  # the first batch, while 1, 2 and 3 queue behind it
             wait_for(lambda: len(coalescer._queues[key]) == 3)
             assert coalescer.take(key, tickets, 0, lambda item: True) == []
+            waiting.append([coalescer.waiting(key, lambda item: item != 2), coalescer.waiting("other", bool)])
             taken.append([t.item for t in coalescer.take(key, tickets, 2, lambda item: item != 2)])
+            waiting.append([coalescer.waiting(key, lambda item: True)])
         return [(t.item, [u.item for u in tickets]) for t in tickets]
 
     coalescer = Coalescer(run, max_rows=1, gather_window_s=-1.0)
@@ -139,14 +142,16 @@ def test_a_running_batch_takes_queued_calls_that_fit():
         rest = [pool.submit(coalescer.submit, "k", i) for i in (1, 2, 3)]
         results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
     assert taken == [[1, 3]]  # the two that fit, in arrival order, though max_rows is 1
+    assert waiting == [[2, 0], [1]]  # those that fit, counted before the take; then the one left
     assert results == [(0, [0, 1, 3]), (1, [0, 1, 3]), (2, [2]), (3, [0, 1, 3])]
     assert coalescer._queues == {}
 
 
 @pytest.fixture
 def coalescing_engine(make_tiny_engine, monkeypatch):
-    """A tiny engine whose batches (``_answer_rows``, what answer_batch and the coalescer run) are recorded, and whose coalescer gathers for up to 0.5 s
-    (so that threads started together join one batch even on a loaded machine)."""
+    """A tiny engine whose batches of several questions at their start (``_answer_rows``, what answer_batch and the
+    coalescer run; a lone call is a batch of one, not recorded) are recorded, and whose coalescer gathers for up to
+    0.5 s (so that threads started together join one batch even on a loaded machine)."""
     engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
     engine.add_corpus("docs", DOCS, progress=False)
     assert engine.max_coalesced == 1  # the default on the CPU (where it measured no faster)
@@ -157,7 +162,8 @@ def coalescing_engine(make_tiny_engine, monkeypatch):
     answer_rows = engine._answer_rows
 
     def recorded(questions, *args, **kwargs):
-        batches.append(len(questions))
+        if len(questions) > 1:
+            batches.append(len(questions))
         return answer_rows(questions, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_answer_rows", recorded)
@@ -452,3 +458,40 @@ def test_a_call_queued_behind_a_batch_takes_the_row_of_an_ended_one(coalescing_e
     assert batches == [2] and joined == [3]  # one batch of two rows, which the third call joined
     assert [a.token_ids for a in got] == [a.token_ids for a in alone]
     assert got[2].finish_reason == alone[2].finish_reason
+
+
+def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coalescing_engine, monkeypatch):
+    """A lone call's batch grows when calls queue behind it: it moves, its row as it stands, into a read of 4 rows
+    (a power of two, for 1 + 2 questions) at its next step, and the two calls decode in the new rows rather than wait
+    for it to end. Each of the three gets the answer, kept fraction and sources it gets alone."""
+    engine, batches = coalescing_engine
+    alone = [engine.answer(q, "docs", max_new_tokens=12) for q in QUESTIONS[:3]]
+    moves = []
+    adopt_rows = BatchRead.adopt_rows
+
+    def recorded(read, src):
+        moves.append((src.batch, read.batch))
+        return adopt_rows(read, src)
+
+    monkeypatch.setattr(BatchRead, "adopt_rows", recorded)
+    first_piece = threading.Event()
+
+    def until_queued():  # after the lone call's first token, wait until the two others have queued
+        first_piece.set()
+        wait_for(lambda: queued(engine) == 2)
+
+    sizes = hold_after_first_token(engine, monkeypatch, until_queued)
+
+    def call(i):
+        if i:
+            assert first_piece.wait(10)  # the first call decodes alone by now
+        return engine.answer(QUESTIONS[i], "docs", max_new_tokens=12)
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, range(3)))
+    assert batches == [] and sizes == [3] and moves == [(1, 4)]  # one batch: started alone, grown to 4 rows
+    for a, b in zip(alone, got):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=1e-9)
+        assert [s.document_index for s in b.sources] == [s.document_index for s in a.sources] and b.sources
+        assert [s.score for s in b.sources] == pytest.approx([s.score for s in a.sources], rel=1e-6)

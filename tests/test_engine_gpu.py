@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hold_after_first_answer
+from conftest import hold_after_first_answer, hold_after_first_token
 from sqz_integrations import SqueezeConfig, SqueezedEngine
+from sqz_integrations.batch import BatchRead
 from sqz_integrations.corpus import ReadCounter
 from sqz_integrations.selection import CorpusRead
 
@@ -415,6 +416,24 @@ def with_margins(monkeypatch, call):
     return out, list(seen.values())
 
 
+def wait_until_queued(engine, n: int, timeout: float = 10.0) -> None:
+    """Until ``n`` calls are queued in the engine's coalescer."""
+    end_by = time.monotonic() + timeout
+    while sum(map(len, engine._coalescer._queues.values())) != n:
+        assert time.monotonic() < end_by, f"{n} calls did not queue"
+        time.sleep(0.001)
+
+
+def assert_near_ties_only(world, check: str, alone, got, margins, **record) -> None:
+    """Answers ``got`` part from the ones ``alone`` (whose samplers' top-2 margins are ``margins``) only at near ties;
+    reported with ``record``."""
+    parted = [first_difference(a.token_ids, b.token_ids) for a, b in zip(alone, got)]
+    _report(world=world.name, check=check, **record, parted_at=parted,
+            margin_there=[None if i is None else m[i] for i, m in zip(parted, margins)])
+    for i, m in zip(parted, margins):
+        assert i is None or m[i] < NEAR_TIE
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first step at which two token lists part (one ending earlier counts), or None."""
     if a == b:
@@ -553,7 +572,7 @@ def test_cuda_graph_answers_from_two_threads(world):
 
 def test_batch_answers_on_triton(world, monkeypatch):
     """``answer_batch`` through the Triton kernels (each row its own count of dynamic keys, its own copy pins through
-    the unfused lookup), its steps replayed from a CUDA graph after the first two, gives every row the greedy
+    the unfused lookup), its steps replayed from a CUDA graph after the first one, gives every row the greedy
     tokens of a single eager answer, flat and hierarchical."""
     replays, captures = count_graph_steps(monkeypatch, batches_only=True)
     e = world.engine
@@ -595,12 +614,9 @@ def test_batch_answers_on_triton(world, monkeypatch):
         kw = dict(max_new_tokens=12, kv_budget=BUDGET, hierarchical=hier, stop=stop)
         alone, margins = with_margins(monkeypatch, lambda: [e.answer(p, twin, **kw) for p in prompts])
         together, _ = with_margins(monkeypatch, lambda: e.answer_batch(prompts, twin, **kw))
-        parted = [first_difference(a.token_ids, b.token_ids) for a, b in zip(alone, together)]
-        _report(world=world.name, check="batch_answers_torch", corpus=twin, finish=[a.finish_reason for a in alone],
-                parted_at=parted, margin_there=[None if i is None else m[i] for i, m in zip(parted, margins)])
+        assert_near_ties_only(world, "batch_answers_torch", alone, together, margins, corpus=twin,
+                              finish=[a.finish_reason for a in alone])
         assert alone[0].finish_reason == "stop" or stop == ["\x00"]
-        for i, m in zip(parted, margins):
-            assert i is None or m[i] < NEAR_TIE
 
 
 def test_concurrent_answers_coalesce_on_cuda(world, monkeypatch):
@@ -658,10 +674,7 @@ def test_a_queued_call_joins_a_running_batch_on_cuda(world, monkeypatch):
 
     def until_queued():  # after row 0's Answer the batch waits until the third call has queued behind it
         third.set()
-        end_by = time.monotonic() + 10
-        while sum(map(len, e._coalescer._queues.values())) != 1:
-            assert time.monotonic() < end_by
-            time.sleep(0.001)
+        wait_until_queued(e, 1)
 
     joined = hold_after_first_answer(e, monkeypatch, until_queued)
     barrier = threading.Barrier(2)
@@ -676,12 +689,39 @@ def test_a_queued_call_joins_a_running_batch_on_cuda(world, monkeypatch):
 
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
-    parted = [first_difference(a.token_ids, b.token_ids) for a, b in zip(alone, got)]
-    _report(world=world.name, check="joined", batches=sizes, joined=joined, parted_at=parted,
-            margin_there=[None if i is None else m[i] for i, m in zip(parted, margins)])
+    assert_near_ties_only(world, "joined", alone, got, margins, batches=sizes, joined=joined)
     assert sizes == [2] and joined == [3] and e.cuda_graph_error is None
-    for i, m in zip(parted, margins):
-        assert i is None or m[i] < NEAR_TIE
+
+
+def test_calls_arriving_while_a_lone_call_decodes_grow_its_batch_on_cuda(world, monkeypatch):
+    """A lone call decoding through CUDA graphs takes two calls that queue behind it: its batch moves, its row as it
+    stands, into a read of 4 rows at its next step (a pooled or new graph slot of that width, captured there), and the
+    three answer as they do alone, up to near ties."""
+    e = world.engine
+    monkeypatch.setattr(e._coalescer, "gather_window_s", -1.0)  # the first call starts at once, alone
+    prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
+    kw = dict(max_new_tokens=16, kv_budget=BUDGET)
+    alone, margins = with_margins(monkeypatch, lambda: [e.answer(p, world.flat, **kw) for p in prompts])
+    moves, first_piece = [], threading.Event()
+    adopt_rows = BatchRead.adopt_rows
+    monkeypatch.setattr(BatchRead, "adopt_rows", lambda read, src: (moves.append((src.batch, read.batch)),
+                                                                     adopt_rows(read, src))[1])
+
+    def until_queued():  # after the lone call's first token, wait until the two others have queued
+        first_piece.set()
+        wait_until_queued(e, 2)
+
+    sizes = hold_after_first_token(e, monkeypatch, until_queued)
+
+    def call(i):
+        if i:
+            assert first_piece.wait(10)
+        return e.answer(prompts[i], world.flat, **kw)
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, range(3)))
+    assert_near_ties_only(world, "grown", alone, got, margins, moves=moves, sizes=sizes)
+    assert sizes == [3] and moves == [(1, 4)] and e.cuda_graph_error is None
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
