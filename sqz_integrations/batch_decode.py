@@ -5,7 +5,10 @@ Its questions are read (in one forward where they read the whole corpus, else ea
 step feeds one token per row through one forward over a :class:`~sqz_integrations.batch.BatchRead`. Rows end on
 their own: each row's text pieces are handed on as decoded and its :class:`Answer` as soon as it ends, not when the
 batch's longest row does. Where calls are coalesced, calls queued meanwhile take the rows of ended ones (continuous
-batching): a joined question is read alone into its row and decodes with the others from the next step.
+batching), and where more of them wait than rows are free the batch grows: it moves, its rows as they stand, into a
+wider read (a power of two of rows, so that few widths need a CUDA graph). A joined question is read alone into its
+row and decodes with the others from the next step; so a call that arrives while a lone call decodes (a batch of one)
+joins it rather than wait for it to end.
 
 :class:`BatchDecodingMixin` is a part of :class:`~sqz_integrations.engine.SqueezedEngine` kept in its own module, as
 transformers keeps ``generate`` in its ``GenerationMixin``: it uses the engine's model, device lock, read plans and
