@@ -17,6 +17,7 @@ CUDA-graph pool.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable, Iterator
@@ -27,6 +28,7 @@ from . import decode_graph
 from .batch import BatchRead
 from .generation import Answer, Sampler, SamplingParams, TextAssembler
 
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(eq=False)
 class Question:
@@ -212,10 +214,11 @@ class BatchDecodingMixin:
         # or from the first with a pooled one
         graphs = slot is not None
         step, steps = (slot.step if graphs else None), 0
+        grows = True  # until growing fails for want of memory
 
         def widen(width: int) -> None:
             """The batch, its rows as they stand, moved into a read of ``width`` rows (pooled with its graph where one
-            was captured for that width, else new, captured at its third step as at a batch's start)."""
+            was captured for that width, else new, captured at its second step as at a batch's start)."""
             nonlocal slot, read, plan, n, step, steps
             with self._device_lock.shared():
                 if graphs:
@@ -235,10 +238,15 @@ class BatchDecodingMixin:
             rows.cancel_left()
             yield from finished()
             free = [b for b in range(n) if rows.answered[b]] if join is not None else []
-            if join is not None and n < join.max_rows:
+            if join is not None and n < join.max_rows and grows:
                 waiting = join.waiting(fits)
                 if waiting > len(free):
-                    widen(_width_for(n - len(free) + waiting, join.max_rows))
+                    try:
+                        widen(_width_for(n - len(free) + waiting, join.max_rows))
+                    except torch.OutOfMemoryError:  # the wider buffers do not fit: go on as wide as it is
+                        grows = False
+                        logger.warning("a batch of %d rows could not grow (out of device memory): the calls queued "
+                                       "behind it wait for its rows to end", n)
                     free = [b for b in range(n) if rows.answered[b]]
             for b, q in zip(free, join.take(len(free), fits) if free else []):
                 questions.append(q)

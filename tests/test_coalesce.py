@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from conftest import hold_after_first_answer, hold_after_first_token, random_text
 from sqz_integrations import SqueezeConfig
@@ -495,3 +496,35 @@ def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coa
         assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=1e-9)
         assert [s.document_index for s in b.sources] == [s.document_index for s in a.sources] and b.sources
         assert [s.score for s in b.sources] == pytest.approx([s.score for s in a.sources], rel=1e-6)
+
+
+def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing_engine, monkeypatch, caplog):
+    """Out of device memory for the wider read, the batch keeps its width (one warning) rather than fail its calls:
+    the calls queued behind the lone call take its row as each call before them ends, and get their answers alone."""
+    engine, batches = coalescing_engine
+    alone = [engine.answer(q, "docs", max_new_tokens=12) for q in QUESTIONS[:3]]
+    tried = []
+
+    def out_of_memory(read, src):
+        tried.append(read.batch)
+        raise torch.OutOfMemoryError("no room for the wider buffers")
+
+    monkeypatch.setattr(BatchRead, "adopt_rows", out_of_memory)
+    first_piece = threading.Event()
+
+    def until_queued():
+        first_piece.set()
+        wait_for(lambda: queued(engine) == 2)
+
+    sizes = hold_after_first_token(engine, monkeypatch, until_queued)
+
+    def call(i):
+        if i:
+            assert first_piece.wait(10)
+        return engine.answer(QUESTIONS[i], "docs", max_new_tokens=12)
+
+    with caplog.at_level("WARNING", logger="sqz_integrations.batch_decode"), ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, range(3)))
+    assert tried == [4] and sizes == [3] and batches == []  # tried once, then one row for the three, one by one
+    assert [a.token_ids for a in got] == [a.token_ids for a in alone]
+    assert "could not grow" in caplog.text
