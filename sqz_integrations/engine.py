@@ -69,7 +69,8 @@ class SqueezedEngine(BatchDecodingMixin):
         max_coalesced: concurrent :meth:`answer` and :meth:`stream_answer` calls (threads; LangChain's
             ``batch`` / ``abatch`` / ``astream``, LlamaIndex's async calls) on the same corpus with the same settings
             are answered together as one :meth:`answer_batch` of up to this many rows
-            (:mod:`~sqz_integrations.coalesce`); ``1`` answers every call alone, in its own thread. ``None``
+            (:mod:`~sqz_integrations.coalesce`), which a call made while it decodes joins at its next step (the batch
+            grows, :mod:`~sqz_integrations.batch_decode`); ``1`` answers every call alone, in its own thread. ``None``
             (default): 8 on CUDA, 1 elsewhere. Measured (README): on the H200, 8 threads coalesced gave 3.0-3.8x
             the tokens/s of one by one and ~4x that of the threads each alone (8 streams: 2.9-3.5x one by one); on
             a 2-core CPU, coalesced threads were no faster than the threads each alone (7.6 / 7.6 tokens/s with one
