@@ -63,13 +63,17 @@ class _Rows:
 
     def __init__(self, questions: list[Question], params: SamplingParams, device: torch.device,
                  new_text: Callable[[], TextAssembler], eos_ids: set[int]):
-        n = len(questions)
         self.params, self.device, self.new_text, self.eos_ids = params, device, new_text, eos_ids
-        self.occupant: list[Question] = [None] * n  # type: ignore[list-item]
-        self.samplers: list[Sampler] = [None] * n  # type: ignore[list-item]
-        self.texts: list[TextAssembler] = [None] * n  # type: ignore[list-item]
-        self.finish, self.done, self.answered = ["length"] * n, [False] * n, [False] * n
-        self.first_token, self.ended, self.last = [0.0] * n, [0.0] * n, [0] * n
+        self.occupant: list[Question | None] = []
+        self.samplers: list[Sampler | None] = []
+        self.texts: list[TextAssembler | None] = []
+        self.finish: list[str] = []
+        self.done: list[bool] = []
+        self.answered: list[bool] = []
+        self.first_token: list[float] = []
+        self.ended: list[float] = []
+        self.last: list[int] = []
+        self.widen(len(questions))
         for b, q in enumerate(questions):
             self.seat(b, q)
 
@@ -79,7 +83,8 @@ class _Rows:
         self.finish[b], self.done[b], self.answered[b] = "length", False, False
 
     def widen(self, width: int) -> None:
-        """Rows added up to ``width``, free (done and handed on) until a question is seated in them."""
+        """Rows added up to ``width`` (from none, at the start), free (done and handed on) until a question is seated in
+        them."""
         more = width - len(self.occupant)
         self.occupant += [None] * more
         self.samplers += [None] * more

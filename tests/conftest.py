@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -124,3 +125,12 @@ def hold_after_first_token(engine, monkeypatch, then) -> list[int]:
 
     monkeypatch.setattr(engine, "_row_events", held)
     return sizes
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Until ``predicate()`` holds (a test fails after ``timeout`` seconds). The sizes that the ``hold_*`` helpers
+    record come when a batch's loop ends, which may be just after its last caller has its answer: wait for them."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import hold_after_first_answer, hold_after_first_token, random_text
+from conftest import hold_after_first_answer, hold_after_first_token, random_text, wait_for
 from sqz_integrations import SqueezeConfig
 from sqz_integrations.batch import BatchRead
 from sqz_integrations.coalesce import Coalescer
@@ -39,13 +39,6 @@ class BlockingRun:
 def queued(engine) -> int:
     """Calls queued in the engine's coalescer (a leader's own call counts until it takes its batch)."""
     return sum(map(len, engine._coalescer._queues.values()))
-
-
-def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.001)
 
 
 def submit_all(coalescer, run, calls):
@@ -456,6 +449,7 @@ def test_a_call_queued_behind_a_batch_takes_the_row_of_an_ended_one(coalescing_e
 
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
+    wait_for(lambda: joined)
     assert batches == [2] and joined == [3]  # one batch of two rows, which the third call joined
     assert [a.token_ids for a in got] == [a.token_ids for a in alone]
     assert got[2].finish_reason == alone[2].finish_reason
@@ -490,6 +484,7 @@ def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coa
 
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
+    wait_for(lambda: sizes)
     assert batches == [] and sizes == [3] and moves == [(1, 4)]  # one batch: started alone, grown to 4 rows
     for a, b in zip(alone, got):
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
@@ -525,6 +520,7 @@ def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing
 
     with caplog.at_level("WARNING", logger="sqz_integrations.batch_decode"), ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
+    wait_for(lambda: sizes)
     assert tried == [4] and sizes == [3] and batches == []  # tried once, then one row for the three, one by one
     assert [a.token_ids for a in got] == [a.token_ids for a in alone]
     assert "could not grow" in caplog.text
