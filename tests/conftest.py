@@ -90,17 +90,17 @@ def random_text(n_words: int, seed: int = 0) -> str:
     return " ".join(rng.choice(words) for _ in range(n_words))
 
 
-def hold_after_first_answer(engine, monkeypatch, then) -> list[int]:
-    """Wraps ``engine._row_events`` so that a batch, once it has handed over its first question's Answer, calls
-    ``then()`` before it goes on (a test lets a caller return, or another call queue, at that point). -> a list
-    that gets each batch's number of questions when it ends (its first ones and those that joined it)."""
+def _hold(engine, monkeypatch, then, at) -> list[int]:
+    """Wraps ``engine._row_events`` so that a batch calls ``then()`` once, right after the first event of its first
+    question for which ``at(event, started_alone)`` holds (a test lets a caller return, or other calls queue, there).
+    -> a list that gets each batch's number of questions when it ends (its first ones and those that joined it)."""
     row_events, sizes = engine._row_events, []
 
     def held(questions, *args):
-        first, waited = questions[0], False
+        first, alone, waited = questions[0], len(questions) == 1, False
         for q, event in row_events(questions, *args):
             yield q, event
-            if q is first and not isinstance(event, str) and not waited:
+            if q is first and not waited and at(event, alone):
                 waited = True
                 then()
         sizes.append(len(questions))
@@ -109,22 +109,15 @@ def hold_after_first_answer(engine, monkeypatch, then) -> list[int]:
     return sizes
 
 
+def hold_after_first_answer(engine, monkeypatch, then) -> list[int]:
+    """:func:`_hold` once the batch has handed over its first question's Answer."""
+    return _hold(engine, monkeypatch, then, lambda event, alone: not isinstance(event, str))
+
+
 def hold_after_first_token(engine, monkeypatch, then) -> list[int]:
-    """Wraps ``engine._row_events`` so that a batch that starts with one question (a lone call's) calls ``then()`` once
-    that question has its first token, before the batch's first step (a test lets calls queue behind it there).
-    -> a list that gets each batch's number of questions when it ends (its first ones and those that joined it)."""
-    row_events, sizes = engine._row_events, []
-
-    def held(questions, *args):
-        lone = len(questions) == 1
-        for i, (q, event) in enumerate(row_events(questions, *args)):
-            yield q, event
-            if i == 0 and lone:
-                then()
-        sizes.append(len(questions))
-
-    monkeypatch.setattr(engine, "_row_events", held)
-    return sizes
+    """:func:`_hold` in a batch that starts with one question (a lone call's) once that question has its first token,
+    before the batch's first step."""
+    return _hold(engine, monkeypatch, then, lambda event, alone: alone)
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:

@@ -689,8 +689,8 @@ def test_a_queued_call_joins_a_running_batch_on_cuda(world, monkeypatch):
 
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
-    assert_near_ties_only(world, "joined", alone, got, margins, batches=sizes, joined=joined)
     wait_for(lambda: joined)
+    assert_near_ties_only(world, "joined", alone, got, margins, batches=sizes, joined=joined)
     assert sizes == [2] and joined == [3] and e.cuda_graph_error is None
 
 
@@ -721,8 +721,8 @@ def test_calls_arriving_while_a_lone_call_decodes_grow_its_batch_on_cuda(world, 
 
     with ThreadPoolExecutor(3) as pool:
         got = list(pool.map(call, range(3)))
-    assert_near_ties_only(world, "grown", alone, got, margins, moves=moves, sizes=sizes)
     wait_for(lambda: sizes)
+    assert_near_ties_only(world, "grown", alone, got, margins, moves=moves, sizes=sizes)
     assert sizes == [3] and moves == [(1, 4)] and e.cuda_graph_error is None
 
 
