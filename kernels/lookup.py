@@ -202,7 +202,7 @@ def _scores_kernel(
     KVH, G, T, ROWS,
     n_split_total, n_split_out,
     logit_scale, log_rows,
-    stride_coff, log_threshold, idx_cap,
+    stride_coff, log_threshold, idx_cap, stride_pin,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
     EXPAND: tl.constexpr, PRUNED: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
@@ -280,8 +280,9 @@ def _scores_kernel(
         # the same test as selection._threshold_kernel on the same float32 score
         inf = float("inf")
         keep = (score > -inf) & (score < inf) & (lw > -inf) & (lw < inf) & (score >= log_threshold)
-        if HAS_PINS:  # clusters every row of this KV head reads whatever their score (copy_window)
-            pin = tl.load(PINS + kvh * n_cent + c, mask=jm, other=0)
+        if HAS_PINS:  # clusters this row reads whatever their score (copy_window); stride_pin 0: one set for every
+            # batch row
+            pin = tl.load(PINS + b * stride_pin + kvh * n_cent + c, mask=jm, other=0)
             keep = keep | ((pin != 0) & (lw > -inf) & (lw < inf))
         tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
         size = tl.where(keep & jm, c_size, 0)
@@ -461,7 +462,8 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
     log_threshold, worklist, pins)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
-    the stats pass zeroed; with ``pins`` (int8 (KVH, C), contiguous, not None) the pinned clusters too.
+    the stats pass zeroed; with ``pins = (int8 (KVH, C) or (B, KVH, C), contiguous; its batch-row stride, 0 for
+    one set for every row)`` (not None) the pinned clusters too.
     ``pruned = (m_out, l_out)`` (with ``select``, from stored logits, rows in one tile): also each block's
     (max, sum) partial of the unselected clusters, at split ``block`` of ``m_out``/``l_out``
     ``(B * KVH, splits, rows)`` (level 1 of the hierarchical lookup). ``reduce_max``: each centroid's largest
@@ -482,6 +484,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     grid = (rq.b * rq.kvh, triton.cdiv(n_cent, block_c))
     dummy = m_buf
     sel, sums, c_offs, thr, wl, pins = select if select is not None else (dummy, dummy, dummy, 0.0, None, None)
+    pins, stride_pin = pins if pins is not None else (None, 0)
     idx, cum = wl if wl is not None else (dummy, dummy)
     if pruned is not None and (select is None or not from_logits or block_m < rq.rows):
         raise ValueError("pruned partials need the selection, stored logits and every row in one tile")
@@ -497,7 +500,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         rq.kvh, rq.g, rq.t, rq.rows,
         n_split_total, pm_out.shape[1] if pruned is not None else 0,
         scale * LOG2E, math.log(rq.rows),
-        c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0,
+        c_offs.stride(0) if select is not None else 0, float(thr), idx.shape[-1] if wl is not None else 0, stride_pin,
         HEAD_DIM=rq.d, BLOCK_M=block_m, BLOCK_C=block_c, SPLITS_P2=triton.next_power_of_2(n_split_total),
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
         EXPAND=wl is not None, PRUNED=pruned is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
@@ -553,9 +556,10 @@ def centroid_selection(
     *, pins: torch.Tensor | None = None, config: LookupConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.centroid_selection`: the flat lookup, the threshold
-    selection (OR ``pins``) and the work list in three launches (stats, scores + selection + per-block key counts,
-    work-list expansion) where ``centroid_scores`` + ``select_clusters`` + ``build_worklist`` take five; in
-    decode two (the scores pass also expands the work list, see ``_FUSE_EXPAND``).
+    selection (OR ``pins``, one set for every batch row or one per row) and the work list in three launches
+    (stats, scores + selection + per-block key counts, work-list expansion) where ``centroid_scores`` +
+    ``select_clusters`` + ``build_worklist`` take five; in decode two (the scores pass also expands the work list,
+    see ``_FUSE_EXPAND``).
 
     Returns ``(scores (B, KVH, C) float32, selected (B, KVH, C) bool, worklist = (idx, cum))``; pass the
     work list to ``squeezed_attention(..., worklist=worklist)``.
@@ -569,7 +573,7 @@ def centroid_selection(
                          f"clusters >= 1")
     cent, logn = _prep(centroids, log_counts)
     return _selection(rq, cent, logn, scale, cluster_offsets.contiguous(), log_threshold, n_keys,
-                      check_pins(pins, kvh, n_cent))
+                      check_pins(pins, rq.b, kvh, n_cent))
 
 
 def _selection(rq: _Rows, cent, logn, scale, offs, log_threshold, n_keys, pins=None, pruned=None):

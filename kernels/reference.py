@@ -200,24 +200,31 @@ def build_worklist(
     return idx, cum
 
 
-def check_pins(pins: torch.Tensor | None, kv_heads: int, n_ranges: int) -> None:
-    """``pins`` must be ``None`` or a bool ``(kv_heads, clusters)`` tensor (a ``(clusters,)`` one would broadcast
-    over the KV heads)."""
-    if pins is not None and (pins.shape != (kv_heads, n_ranges) or pins.dtype != torch.bool):
-        raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kv_heads, n_ranges)} tensor, got "
-                         f"{pins.dtype} {tuple(pins.shape)}")
+def check_pins(pins: torch.Tensor | None, batch: int, kv_heads: int, n_ranges: int) -> None:
+    """``pins`` must be ``None`` or a bool tensor, ``(kv_heads, clusters)`` (one set for every batch row) or
+    ``(batch, kv_heads, clusters)`` (one set per row). A ``(clusters,)`` one, or one set per row of another batch, is
+    not taken: it would broadcast."""
+    if pins is not None and (pins.shape not in ((kv_heads, n_ranges), (batch, kv_heads, n_ranges))
+                             or pins.dtype != torch.bool):
+        raise ValueError(f"pins must be a bool (kv_heads, clusters) = {(kv_heads, n_ranges)} or (batch, kv_heads, "
+                         f"clusters) = {(batch, kv_heads, n_ranges)} tensor, got {pins.dtype} {tuple(pins.shape)}")
+
+
+def pin_rows(pins: torch.Tensor) -> torch.Tensor:
+    """Checked ``pins`` as ``(rows, kv_heads, clusters)``: one set for every row is one row that broadcasts."""
+    return pins[None] if pins.dim() == 2 else pins
 
 
 def select_worklist(
     log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
     *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``select_clusters(..., log_threshold=...)`` (OR the non-empty ``pins``, ``(kv_heads, clusters)`` bool) and
-    :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
-    check_pins(pins, *log_scores.shape[1:])
+    """``select_clusters(..., log_threshold=...)`` (OR the non-empty ``pins``, bool ``(kv_heads, clusters)`` for every
+    row or ``(batch, kv_heads, clusters)`` per row) and :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
+    check_pins(pins, *log_scores.shape)
     selected = select_clusters(log_scores, log_counts, log_threshold=log_threshold)
     if pins is not None:
-        selected = selected | (pins & ~torch.isinf(log_counts))[None]
+        selected = selected | (pin_rows(pins) & ~torch.isinf(log_counts)[None])
     return selected, build_worklist(selected, offsets, capacity)
 
 
@@ -228,8 +235,8 @@ def centroid_selection(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The flat lookup, its threshold selection and the work list in one call:
     ``(centroid_scores(...), select_clusters(..., log_threshold=...), build_worklist(selected, cluster_offsets,
-    n_keys))``. ``pins`` (``(kv_heads, clusters)`` bool): clusters selected for every row whatever their
-    score (non-empty ones). The work list goes to ``squeezed_attention(..., worklist=...)``."""
+    n_keys))``. ``pins`` (bool ``(kv_heads, clusters)``, or ``(batch, kv_heads, clusters)`` one set per row):
+    clusters selected whatever their score (non-empty ones). The work list goes to ``squeezed_attention(..., worklist=...)``."""
     scores = centroid_scores(q, centroids, log_counts, scale)
     return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
 

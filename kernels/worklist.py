@@ -61,7 +61,7 @@ def _sizes(SEL, OFFS, row, off_row, stride_off, n_ranges, k, CHUNK: tl.constexpr
 
 @triton.jit
 def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, n_ranges, n_chunks, offset_rows, stride_off,
-                      log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr, HAS_PINS: tl.constexpr):
+                      stride_pin, log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr, HAS_PINS: tl.constexpr):
     row = tl.program_id(0)
     k = tl.program_id(1)
     if FROM_SCORES:
@@ -72,8 +72,9 @@ def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, n_ranges, n_chu
         lc = tl.load(LOG_COUNTS + (row % offset_rows) * n_ranges + c, mask=cm, other=float("-inf"))
         inf = float("inf")
         keep = (s > -inf) & (s < inf) & (lc > -inf) & (lc < inf) & (s >= log_threshold)
-        if HAS_PINS:  # ranges every row of this KV head reads whatever their score (the engine's copy pins)
-            pin = tl.load(PINS + (row % offset_rows) * n_ranges + c, mask=cm, other=0)
+        if HAS_PINS:  # ranges this row reads whatever their score (the engine's copy pins); stride_pin 0: one set
+            # for every batch row
+            pin = tl.load(PINS + (row // offset_rows) * stride_pin + (row % offset_rows) * n_ranges + c, mask=cm, other=0)
             keep = keep | ((pin != 0) & (lc > -inf) & (lc < inf))
         tl.store(SEL + row.to(tl.int64) * n_ranges + c, keep.to(tl.int8), mask=cm)
         lo = tl.load(OFFS + (row % offset_rows) * stride_off + c, mask=cm, other=0)
@@ -222,26 +223,29 @@ def build_worklist(
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=selected.device)
     _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, sel, n, n_chunks, kvh, offsets.stride(0),
-                                           0.0, CHUNK=_CHUNK, FROM_SCORES=False, HAS_PINS=False)
+                                           0, 0.0, CHUNK=_CHUNK, FROM_SCORES=False, HAS_PINS=False)
     return expand_worklist(sel, offsets, sums, _CHUNK, capacity)
 
 
-def check_pins(pins: torch.Tensor | None, kv_heads: int, n_ranges: int) -> torch.Tensor | None:
-    """``pins`` ``(kv_heads, ranges)`` bool (checked as the torch twins check it) -> its contiguous int8 view for
-    the kernels (``None`` stays)."""
-    reference.check_pins(pins, kv_heads, n_ranges)
-    return None if pins is None else pins.contiguous().view(torch.int8)
+def check_pins(pins: torch.Tensor | None, batch: int, kv_heads: int, n_ranges: int) -> tuple[torch.Tensor | None, int]:
+    """``pins`` (bool, ``(kv_heads, ranges)`` for every batch row or ``(batch, kv_heads, ranges)`` one set per row;
+    checked as the torch twins check it) -> ``(its contiguous int8 view, its batch-row stride)`` for the kernels:
+    stride 0 where every row reads the same set (``None`` stays ``None``)."""
+    reference.check_pins(pins, batch, kv_heads, n_ranges)
+    if pins is None:
+        return None, 0
+    return pins.contiguous().view(torch.int8), (kv_heads * n_ranges if pins.dim() == 3 else 0)
 
 
 def select_worklist(
     log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
     *, pins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """``select_clusters(log_scores, log_counts, log_threshold=...)`` (OR the non-empty ``pins``) and
-    :func:`build_worklist` of it in two launches instead of three: ``(selected, (idx, cum))``."""
+    """``select_clusters(log_scores, log_counts, log_threshold=...)`` (OR the non-empty ``pins``, one set for every
+    row or one per row) and :func:`build_worklist` of it in two launches instead of three: ``(selected, (idx, cum))``."""
     b, kvh, n = log_scores.shape
     _check(log_scores.shape, offsets)
-    pins = check_pins(pins, kvh, n)
+    pins, stride_pin = check_pins(pins, b, kvh, n)
     offsets = offsets.contiguous()
     scores = log_scores.to(torch.float32).contiguous()
     counts = log_counts.to(torch.float32).contiguous()
@@ -250,6 +254,6 @@ def select_worklist(
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=log_scores.device)
     _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, pins if pins is not None else sel,
-                                           n, n_chunks, kvh, offsets.stride(0), float(log_threshold),
+                                           n, n_chunks, kvh, offsets.stride(0), stride_pin, float(log_threshold),
                                            CHUNK=_CHUNK, FROM_SCORES=True, HAS_PINS=pins is not None)
     return selected, expand_worklist(sel, offsets, sums, _CHUNK, capacity)

@@ -215,9 +215,7 @@ class BatchRead(CorpusRead):
             pins = pins[self.dyn.row:self.dyn.row + 1]
         elif self.dyn.live is not None:
             pins = pins[self.dyn._live_idx]
-        # one row's pins as a single answer's (KV heads, clusters): the fused Triton lookup takes those (a lone call's
-        # batch of one, as coalesced calls start), not per-row ones
-        return pins[0] if pins.shape[0] == 1 else pins
+        return pins  # (rows read, KV heads, clusters): the fused Triton lookup takes one set per row
 
     def _pin_question(self, layer_idx, layer, q, dyn_k, scale) -> None:
         if self.dyn._lengths is None:

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 
 from sqz_kernels import reference
-from sqz_kernels.reference import log_attention
+from sqz_kernels.reference import log_attention, pin_rows
 
 from .config import check_budget
 from .corpus import SqueezedCorpus, budget_keys
@@ -74,11 +74,6 @@ def kept_sums(keys_per_head: list[float], steps: list[int], layers) -> list[floa
     """Per layer, the kept fraction summed over steps: the clustered keys read per (row, KV head) over the steps,
     plus the always-read keys at every step, over the layer's keys."""
     return [(k + s * layer.n_always) / layer.keys.shape[1] for k, s, layer in zip(keys_per_head, steps, layers)]
-
-
-def _rows(pins: torch.Tensor) -> torch.Tensor:
-    """Pins as ``(batch | 1, KVH, C)``: one set for every row gets a batch dimension of 1."""
-    return pins[None] if pins.dim() == 2 else pins
 
 
 @dataclass(frozen=True)
@@ -208,7 +203,7 @@ class CorpusRead:
         if dense:  # no lookup at all: every cluster, and one work list for the whole call
             return (None, *self._read_all(layer_idx, q.shape[0]))
         pins = self._step_pins(layer_idx) if kind == 0 else None
-        if plan.fused and dense_heads is None and plan.selection == "threshold" and (pins is None or pins.dim() == 2):
+        if plan.fused and dense_heads is None and plan.selection == "threshold":
             # Triton: lookup + threshold (+ the pins) + work list in one entry point (2-3 launches instead of 5).
             n_keys = layer.keys.shape[1]
             if plan.hierarchical:
@@ -232,13 +227,13 @@ class CorpusRead:
             selected = be.select_clusters(scores, layer.log_counts, log_threshold=plan.log_threshold[kind])
         else:
             # fixed mode holds its budget: pinned clusters rank first and are read inside it
-            ranked = scores if pins is None else scores.masked_fill(_rows(pins), torch.finfo(scores.dtype).max)
+            ranked = scores if pins is None else scores.masked_fill(pin_rows(pins), torch.finfo(scores.dtype).max)
             selected = be.select_clusters(ranked, layer.log_counts, budget_keys=plan.budget_keys[kind])
         if dense_heads is not None:
             # retrieval heads read every cluster (the Triton work list is then built by the attention)
             selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
         if pins is not None and plan.selection == "threshold":
-            selected = selected | _rows(pins)
+            selected = selected | pin_rows(pins)
         return scores, selected, None
 
     def _step_pins(self, layer_idx: int) -> torch.Tensor | None:

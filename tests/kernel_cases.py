@@ -78,6 +78,12 @@ _case("selection-decode-pins", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=6
       dtype="float16", pins=0.05)
 _case("selection-prefill-pins", kind="selection", b=1, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
       dtype="float32", pins=0.05)
+# one set of pins per batch row (a batch of answers, each with its own question's pins): decode, flat (the scores
+# pass reads each row's set) and hierarchical (the selection's first launch does)
+_case("selection-decode-row-pins", kind="selection", b=3, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16", pins=0.05, row_pins=True)
+_case("selection-decode-hier-row-pins", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=700, n=4001, tail=4, m=8,
+      dtype="float16", p=300, pins=0.05, row_pins=True)
 _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
       dtype="float32", p=9)
 # decode, hierarchical: 2 level-1 scores blocks (pruned partials from each); with pins, some under pruned
@@ -163,6 +169,8 @@ GPU_CASES: dict[str, dict] = {
                                        tail=100, m=300, pins=0.02),
     "real-selection-decode-hier-pins": dict(kind="selection", b=2, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
                                             tail=100, m=300, p=328, pins=0.02),
+    "real-selection-decode-row-pins": dict(kind="selection", b=4, kvh=8, g=4, t=1, d=128, c=1638, n=32768,
+                                           tail=100, m=300, pins=0.02, row_pins=True),
     # 512K keys' worth of clusters at batch 1: the stats pass with 3 stages, the log counts one tile ahead
     "real-lookup-decode-26k": dict(kind="lookup", b=1, kvh=8, g=4, t=1, d=128, c=26214),
     "real-lookup-decode-per-thread-loads": dict(kind="lookup", b=2, kvh=8, g=4, t=1, d=128, c=1638, stats_tma=False),
@@ -356,7 +364,8 @@ def _selection_case(name, p, device, dtype, gen, tol):
     keys, values, offs, cent, logn = corpus(kvh, c, n, tail, d, dtype, device, gen, cent_dtype=p.get("cent_dtype"))
     q = _queries(b, kvh * g, t, d, dtype, device, gen) * 0.5
     scale = d ** -0.5
-    pins = (torch.rand(kvh, c, generator=gen) < p["pins"]).to(device) if "pins" in p else None
+    pin_shape = (b, kvh, c) if p.get("row_pins") else (kvh, c)
+    pins = (torch.rand(pin_shape, generator=gen) < p["pins"]).to(device) if "pins" in p else None
     if "p" in p:
         l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
         l1_thr = _mid_gap_threshold(ref.centroid_scores(q, l1_cent, l1_logn, scale), 0.3, 0.7)
@@ -372,15 +381,22 @@ def _selection_case(name, p, device, dtype, gen, tol):
         got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
         want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
     if pins is not None:
-        if not bool((pins[None] & (scores < thr)).any()):
+        rows = ref.pin_rows(pins)
+        if not bool((rows & (scores < thr)).any()):
             return f"{name}: no pin below the threshold, nothing to test"
-        for fn in (tri.select_worklist, ref.select_worklist):  # one head's pins would broadcast over every head
+        if pins.dim() == 3 and bool((rows[0] == rows[1:]).all()):
+            return f"{name}: every row has the same pins, nothing per row to test"
+        # one head's pins would broadcast over every head, one row's over every row
+        wrong = pins[:1] if pins.dim() == 3 else pins[0]
+        for fn in (tri.select_worklist, ref.select_worklist, tri.centroid_selection, ref.centroid_selection):
+            args = (scores, logn, thr, offs, n) if fn.__name__ == "select_worklist" else (q, cent, logn, scale, offs,
+                                                                                          thr, n)
             try:
-                fn(scores, logn, thr, offs, n, pins=pins[0])
-                return f"{name}: {fn.__module__}.select_worklist took pins of shape {tuple(pins[0].shape)}"
+                fn(*args, pins=wrong)
+                return f"{name}: {fn.__module__}.{fn.__name__} took pins of shape {tuple(wrong.shape)}"
             except ValueError:
                 pass
-        if not bool((want[1] | ~(pins & torch.isfinite(logn))[None]).all()):
+        if not bool((want[1] | ~(rows & torch.isfinite(logn)[None])).all()):
             return f"{name}: the twin dropped a pinned cluster"
     (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
     msg = _report(f"{name} scores", gs, ws, *tol["score"])

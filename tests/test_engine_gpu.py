@@ -35,6 +35,7 @@ from sqz_integrations import SqueezeConfig, SqueezedEngine
 from sqz_integrations.batch import BatchRead
 from sqz_integrations.corpus import ReadCounter
 from sqz_integrations.selection import CorpusRead
+from sqz_kernels.reference import pin_rows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -338,21 +339,23 @@ def check_answer(w: World) -> None:
 
 def check_copy_pins_fused(w: World, monkeypatch) -> None:
     """With the default ``copy_window``, decode steps on Triton take the fused lookup (its work list comes
-    back), flat and hierarchical, except in layers with a retrieval head read in full, and still read every
-    pinned cluster; the torch twin reads its pins too (always unfused)."""
+    back), flat and hierarchical, a single answer's (one set of pins) and a batch's (one set per row), except in
+    layers with a retrieval head read in full, and still read every pinned cluster; the torch twin reads its pins
+    too (always unfused)."""
     e = w.engine
     seen = {"fused_pinned": 0, "pinned": 0, "fusable": 0}
     original = CorpusRead.lookup
 
     def lookup(self, layer_idx, q, scale):
         scores, selected, worklist = original(self, layer_idx, q, scale)
-        pins = self.pins.get(layer_idx)
-        if q.shape[2] == 1 and pins is not None and pins.any():
+        pins = self._step_pins(layer_idx) if q.shape[2] == 1 else None
+        if pins is not None and pins.any():
             seen["pinned"] += 1
             seen["fused_pinned"] += worklist is not None
             # layers with a retrieval head read in full widen the selection after the lookup: unfused there
             seen["fusable"] += layer_idx not in self.plan.dense_head_layers[0]
-            assert bool((selected | ~(pins & torch.isfinite(self.corpus.layers[layer_idx].log_counts))[None]).all())
+            finite = torch.isfinite(self.corpus.layers[layer_idx].log_counts)
+            assert bool((selected | ~(pin_rows(pins) & finite[None])).all())
         return scores, selected, worklist
 
     monkeypatch.setattr(CorpusRead, "lookup", lookup)
@@ -363,6 +366,10 @@ def check_copy_pins_fused(w: World, monkeypatch) -> None:
         seen.update(pinned=0, fused_pinned=0, fusable=0)
         e.answer(QUESTION, corpus, max_new_tokens=6)
         _report(world=w.name, check="copy_pins_fused", corpus=corpus, **seen)
+        assert seen["fusable"] > 0 and seen["fused_pinned"] == seen["fusable"]
+        seen.update(pinned=0, fused_pinned=0, fusable=0)
+        e.answer_batch([QUESTION, OTHER_QUESTION], corpus, max_new_tokens=6)
+        _report(world=w.name, check="copy_pins_fused_batch", corpus=corpus, **seen)
         assert seen["fusable"] > 0 and seen["fused_pinned"] == seen["fusable"]
         twin = f"{corpus}-torch"  # build_world adds the torch twin of every corpus
         seen.update(pinned=0, fused_pinned=0, fusable=0)
@@ -572,7 +579,7 @@ def test_cuda_graph_answers_from_two_threads(world):
 
 def test_batch_answers_on_triton(world, monkeypatch):
     """``answer_batch`` through the Triton kernels (each row its own count of dynamic keys, its own copy pins through
-    the unfused lookup), its steps replayed from a CUDA graph after the first one, gives every row the greedy
+    the fused lookup), its steps replayed from a CUDA graph after the first one, gives every row the greedy
     tokens of a single eager answer, flat and hierarchical."""
     replays, captures = count_graph_steps(monkeypatch, batches_only=True)
     e = world.engine
