@@ -344,18 +344,18 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
     bf16 = (cent, l1c, l1_thr, thr, thr_h)
     fp8 = (cent8, l1c8, l1_thr8, thr8, thr8_h)
 
-    def selection(hier: bool, q_=None, config: LookupConfig | None = None, lookup=bf16):
+    def selection(hier: bool, q_=None, config: LookupConfig | None = None, lookup=bf16, live=None):
         """lookup + threshold selection + work list, fused (centroid_selection: 3 launches, flat)"""
         q_ = q if q_ is None else q_
         c2, c1, t1, t_flat, t_hier = lookup
         if hier:
             return tri.hierarchical_centroid_selection(q_, c1, l1n, l1o, c2, logn, scale, t1, offs, t_hier, n,
-                                                       config=config)
-        return tri.centroid_selection(q_, c2, logn, scale, offs, t_flat, n, config=config)
+                                                       config=config, live=live)
+        return tri.centroid_selection(q_, c2, logn, scale, offs, t_flat, n, config=config, live=live)
 
-    def ours(hier: bool, config: LookupConfig | None = None, lookup=bf16):
+    def ours(hier: bool, config: LookupConfig | None = None, lookup=bf16, live=None):
         def fn():
-            _, sel, wl_ = selection(hier, config=config, lookup=lookup)
+            _, sel, wl_ = selection(hier, config=config, lookup=lookup, live=live)
             return tri.squeezed_attention(q, keys, values, offs, sel, dk, dv, scale, worklist=wl_)
         return fn
 
@@ -542,6 +542,8 @@ def run_case(corpus: dict, mode: str, batch: int, args, flex_fn, log) -> dict:
         _log_ab(log, f"PDL A/B N={n} {mode} batch={batch}", ab)
     if args.lookup_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["lookup_ab"] = lookup_ab(ours, log, tag=f"N={n} batch={batch}")
+    if args.dead_rows_ab and mode == "decode" and batch > 1:
+        rec["dead_rows_ab"] = dead_rows_ab(ours, batch, log, tag=f"N={n} batch={batch}")
     if args.stats_tiles_ab and mode == "decode" and (n >= 131072 or DEV == "cpu"):
         rec["stats_tiles_ab"] = stats_tiles_ab(ours, log, tag=f"N={n} batch={batch}")
     if args.fp8_sweep and mode == "decode" and (n >= 131072 or DEV == "cpu"):
@@ -747,6 +749,23 @@ def stats_tiles_ab(ours, log, tag: str) -> dict:
     return _log_ab(log, f"stats tiles A/B {tag}", ab)
 
 
+def dead_rows_ab(ours, batch: int, log, tag: str) -> dict:
+    """Decode, a batch whose rows have partly ended (answers a CUDA graph still feeds): the whole path with no
+    ``live`` flags (every row reads its selection, as before the flags), every row live, half the rows not live,
+    and one live row; flat and hierarchical, A/B in one process (alternated twice)."""
+    variants = {"no flags": None}
+    for live_rows in (batch, batch // 2, 1):
+        live = torch.zeros(batch, dtype=torch.bool, device=DEV)
+        live[:live_rows] = True
+        variants[f"{live_rows} of {batch} live"] = live
+    ab = {}
+    for rep in range(2):
+        for hier in (False, True):
+            for name, live in variants.items():
+                ab[f"whole {'hier' if hier else 'flat'} {name} #{rep}"] = bench(ours(hier, live=live), graph=True)
+    return _log_ab(log, f"dead rows A/B {tag}", ab)
+
+
 def fp8_sweep(ours, bf16, fp8, log, tag: str) -> dict:
     """Decode, flat, whole path: fp8 centroids under stats tiles of 128 / 256 centroids x splits x stages,
     against bf16 with the defaults (each variant timed twice, alternating)."""
@@ -825,6 +844,8 @@ def main():
     ap.add_argument("--lookup-ab", action="store_true", help="decode (N >= 128K): lookup tiles on the whole path, A/B")
     ap.add_argument("--stats-tiles-ab", action="store_true",
                     help="decode (N >= 128K): stats-pass centroid tiles x stages x splits on the whole path, A/B")
+    ap.add_argument("--dead-rows-ab", action="store_true",
+                    help="decode batch > 1: the whole path with rows that are not live (ended answers), A/B")
     ap.add_argument("--fp8-sweep", action="store_true", help="decode (N >= 128K): fp8-centroid lookup tiles, flat")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill: compacted attention vs the gathering kernel (A/B), its tiles, sampled lookups")

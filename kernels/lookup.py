@@ -41,9 +41,17 @@ import triton
 import triton.language as tl
 
 from .hardware import PDL_MAX_ROWS, TensorDescriptor, num_sms, pdl_launch, tma_tiles, use_pdl
-from .reference import CENTROID_DTYPES, check_dynamic_keys, dynamic_lse
+from .reference import CENTROID_DTYPES, check_dynamic_keys, check_live, dynamic_lse
 from .tiles import LOG2E, _row_tile
-from .worklist import _SLOTS, _expand_gather, _expand_markers, check_pins, expand_worklist, select_worklist
+from .worklist import (
+    _SLOTS,
+    _expand_gather,
+    _expand_markers,
+    check_pins,
+    expand_worklist,
+    live_flags,
+    select_worklist,
+)
 
 LN2 = 0.6931471805599453
 
@@ -104,7 +112,7 @@ def _widen(cent, Q):
 
 @triton.jit
 def _stats_kernel(
-    Q, CENT, CDESC, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS, FLAGS,
+    Q, CENT, CDESC, LOGN, EXCL, LIST, LCUM, M_OUT, L_OUT, LOGITS, FLAGS, LIVE,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -115,7 +123,7 @@ def _stats_kernel(
     logit_scale, n_flags,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     USE_LIST: tl.constexpr, USE_EXCL: tl.constexpr, STORE_LOGITS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
-    PDL: tl.constexpr, TMA: tl.constexpr, LOGN_AHEAD: tl.constexpr,
+    PDL: tl.constexpr, TMA: tl.constexpr, LOGN_AHEAD: tl.constexpr, HAS_LIVE: tl.constexpr,
 ):
     if PDL:  # the scores pass (launched with PDL) may be scheduled now; it waits for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
@@ -140,6 +148,8 @@ def _stats_kernel(
         n = tl.load(LCUM + row.to(tl.int64) * n_list_ranges + n_list_ranges - 1)
     else:
         n = n_cent
+    if HAS_LIVE:  # a batch row that is not live scores no centroid: no tile loaded, partial (-inf, 0)
+        n = tl.where(tl.load(LIVE + b) != 0, n, 0)
     tiles = tl.cdiv(n, BLOCK_C)
     per = tl.cdiv(tiles, n_splits)
     lo = pid_s * per * BLOCK_C
@@ -194,7 +204,7 @@ def _stats_kernel(
 
 @triton.jit
 def _scores_kernel(
-    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM, PINS, PM_OUT, PL_OUT,
+    Q, CENT, LOGN, LIST, LCUM, M_IN, L_IN, LOGITS, OUT, SEL, SUMS, C_OFFS, IDX, CUM, PINS, PM_OUT, PL_OUT, LIVE,
     stride_qb, stride_qh, stride_qt,
     stride_ch, stride_cc,
     stride_nh,
@@ -206,7 +216,7 @@ def _scores_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLITS_P2: tl.constexpr,
     USE_LIST: tl.constexpr, FROM_LOGITS: tl.constexpr, SELECT: tl.constexpr, HAS_PINS: tl.constexpr,
     EXPAND: tl.constexpr, PRUNED: tl.constexpr, BLOCKS_P2: tl.constexpr, SLOTS: tl.constexpr,
-    PDL: tl.constexpr, REDUCE_MAX: tl.constexpr, GATHER_STEPS: tl.constexpr,
+    PDL: tl.constexpr, REDUCE_MAX: tl.constexpr, GATHER_STEPS: tl.constexpr, HAS_LIVE: tl.constexpr,
 ):
     if PDL:  # launched with PDL after the stats pass: let the attention launch, wait below
         tl.extra.cuda.gdc_launch_dependents()
@@ -241,8 +251,12 @@ def _scores_kernel(
     col_sum = tl.zeros([BLOCK_C], tl.float32)
     part = row.to(tl.int64) * n_split_total * ROWS
     sp = tl.arange(0, SPLITS_P2)
-    # a list-mode program past the row's listed centroids has nothing to score: no row loop at all
-    rows_hi = tl.where(pid_c * BLOCK_C < n, ROWS, 0)
+    # a list-mode program past the row's listed centroids has nothing to score: no row loop at all; nor has a batch
+    # row that is not live (its stats pass loaded nothing, stored no logits): every score -inf, nothing kept
+    alive = pid_c * BLOCK_C < n
+    if HAS_LIVE:
+        alive = alive & (tl.load(LIVE + b) != 0)
+    rows_hi = tl.where(alive, ROWS, 0)
     for m0 in range(0, rows_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < ROWS
@@ -284,6 +298,8 @@ def _scores_kernel(
             # batch row
             pin = tl.load(PINS + b * stride_pin + kvh * n_cent + c, mask=jm, other=0)
             keep = keep | ((pin != 0) & (lw > -inf) & (lw < inf))
+        if HAS_LIVE:  # pins included
+            keep = keep & alive
         tl.store(SEL + row.to(tl.int64) * n_cent + c, keep.to(tl.int8), mask=jm)
         size = tl.where(keep & jm, c_size, 0)
         total = tl.sum(size, 0)
@@ -327,7 +343,7 @@ def _scores_kernel(
             lg = tl.load(LOGITS + row.to(tl.int64) * ROWS * n_cent + prow[None, :] * n_cent + c[:, None],
                          mask=prm[None, :] & jm[:, None], other=float("-inf"))  # (BLOCK_C, BLOCK_M)
             pw = lg + (lw * 1.4426950408889634)[:, None]
-            pw = tl.where((jm & (keep == 0))[:, None] & prm[None, :], pw, float("-inf"))
+            pw = tl.where((jm & (keep == 0) & alive)[:, None] & prm[None, :], pw, float("-inf"))  # no logits if dead
             pmax = tl.max(pw, 0)
             psafe = tl.where(pmax == float("-inf"), 0.0, pmax)
             psum = tl.sum(tl.exp2(pw - psafe[None, :]), 0)
@@ -422,7 +438,7 @@ def _stats_tma(rq: _Rows, cent: torch.Tensor, lst) -> bool:
 
 
 def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_splits, logits,
-           scale, excl=None, lst=None, lcum=None, flags=None, pdl=False, stages=None):
+           scale, excl=None, lst=None, lcum=None, flags=None, pdl=False, stages=None, live=None):
     n_cent = cent.shape[1]
     dummy = m_buf
     grid = (rq.b * rq.kvh, rq.m_tiles, n_splits)
@@ -435,6 +451,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
         m_buf, l_buf, logits if logits is not None else dummy, flags if flags is not None else dummy,
+        live if live is not None else dummy,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
@@ -443,7 +460,7 @@ def _stats(rq: _Rows, cent, logn, m_buf, l_buf, split_base, n_split_total, n_spl
         HEAD_DIM=rq.d, BLOCK_M=rq.block_m, BLOCK_C=rq.block_c,
         USE_LIST=lst is not None, USE_EXCL=excl is not None, STORE_LOGITS=logits is not None,
         ZERO_FLAGS=flags is not None, PDL=pdl, TMA=tma,
-        LOGN_AHEAD=LOGN_AHEAD and lst is None and stages >= _LOGN_AHEAD_MIN_STAGES,
+        LOGN_AHEAD=LOGN_AHEAD and lst is None and stages >= _LOGN_AHEAD_MIN_STAGES, HAS_LIVE=live is not None,
         num_warps=rq.warps, num_stages=stages,
     )
 
@@ -458,7 +475,7 @@ def _scores_block_c(rq: _Rows) -> int:
 
 
 def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, scale, lst=None, lcum=None,
-            select=None, pdl=False, pruned=None, reduce_max=False):
+            select=None, pdl=False, pruned=None, reduce_max=False, live=None):
     """``select = (sel int8 (B, KVH, C), sums int32 (B * KVH, cdiv(C, block_c)), cluster offsets,
     log_threshold, worklist, pins)``: also the threshold selection and its per-block selected key counts; with
     ``worklist = (idx, cum)`` (not None) also the work list, ``sums`` then being the look-back flags that
@@ -467,7 +484,8 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
     ``pruned = (m_out, l_out)`` (with ``select``, from stored logits, rows in one tile): also each block's
     (max, sum) partial of the unselected clusters, at split ``block`` of ``m_out``/``l_out``
     ``(B * KVH, splits, rows)`` (level 1 of the hierarchical lookup). ``reduce_max``: each centroid's largest
-    log share over the rows instead of the log of the mean."""
+    log share over the rows instead of the log of the mean. ``live`` (int8 ``(B,)``, as the stats pass had it): a
+    row that is not live scores ``-inf`` and keeps nothing."""
     n_cent = cent.shape[1]
     from_logits = logits is not None
     block_c = _scores_block_c(rq)
@@ -494,7 +512,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         lst if lst is not None else dummy,
         lcum if lcum is not None else dummy,
         m_buf, l_buf, logits if from_logits else dummy, out, sel, sums, c_offs, idx, cum,
-        pins if pins is not None else dummy, pm_out, pl_out,
+        pins if pins is not None else dummy, pm_out, pl_out, live if live is not None else dummy,
         *rq.strides(), cent.stride(0), cent.stride(1), logn.stride(0),
         n_cent, lcum.shape[-1] if lcum is not None else 1,
         rq.kvh, rq.g, rq.t, rq.rows,
@@ -505,7 +523,7 @@ def _scores(rq: _Rows, cent, logn, m_buf, l_buf, n_split_total, logits, out, sca
         USE_LIST=lst is not None, FROM_LOGITS=from_logits, SELECT=select is not None, HAS_PINS=pins is not None,
         EXPAND=wl is not None, PRUNED=pruned is not None, BLOCKS_P2=triton.next_power_of_2(grid[1]), SLOTS=_SLOTS,
         PDL=pdl, REDUCE_MAX=reduce_max,
-        GATHER_STEPS=(block_c - 1).bit_length() if wl is not None and EXPAND_GATHER else 0,
+        GATHER_STEPS=(block_c - 1).bit_length() if wl is not None and EXPAND_GATHER else 0, HAS_LIVE=live is not None,
         num_warps=warps, num_stages=rq.stages, **pdl_launch(pdl),
     )
 
@@ -535,7 +553,7 @@ def centroid_scores(
     return out
 
 
-def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None, pruned=None):
+def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None, pruned=None, live=None):
     n_cent = cent.shape[1]
     ns, stages = rq.flat_stats_launch(n_cent)
     m_buf = torch.empty(rq.b * rq.kvh, ns, rq.rows, dtype=torch.float32, device=rq.q.device)
@@ -546,17 +564,18 @@ def _flat_lookup(rq: _Rows, cent, logn, scale, out, select=None, pruned=None):
     # decode with few rows: the scores pass is launched with PDL (nothing is launched between the two passes),
     # at any cluster count (measurements in hardware.py)
     pdl = rq.decode and rq.b * rq.kvh <= PDL_MAX_ROWS and use_pdl(rq.q.device)
-    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl, stages=stages)
-    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl, pruned=pruned)
+    _stats(rq, cent, logn, m_buf, l_buf, 0, ns, ns, logits, scale, flags=flags, pdl=pdl, stages=stages, live=live)
+    _scores(rq, cent, logn, m_buf, l_buf, ns, logits, out, scale, select=select, pdl=pdl, pruned=pruned, live=live)
 
 
 def centroid_selection(
     q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
     cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
-    *, pins: torch.Tensor | None = None, config: LookupConfig | None = None,
+    *, pins: torch.Tensor | None = None, live: torch.Tensor | None = None, config: LookupConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.centroid_selection`: the flat lookup, the threshold
-    selection (OR ``pins``, one set for every batch row or one per row) and the work list in three launches
+    selection (OR ``pins``, one set for every batch row or one per row; nothing in a row that is not ``live``, which
+    loads no centroid either) and the work list in three launches
     (stats, scores + selection + per-block key counts, work-list expansion) where ``centroid_scores`` +
     ``select_clusters`` + ``build_worklist`` take five; in decode two (the scores pass also expands the work list,
     see ``_FUSE_EXPAND``).
@@ -573,11 +592,18 @@ def centroid_selection(
                          f"clusters >= 1")
     cent, logn = _prep(centroids, log_counts)
     return _selection(rq, cent, logn, scale, cluster_offsets.contiguous(), log_threshold, n_keys,
-                      check_pins(pins, rq.b, kvh, n_cent))
+                      check_pins(pins, rq.b, kvh, n_cent), _live(live, rq))
 
 
-def _selection(rq: _Rows, cent, logn, scale, offs, log_threshold, n_keys, pins=None, pruned=None):
-    """centroid_selection on checked, prepared inputs; ``pruned``: see :func:`_scores` (decode only)."""
+def _live(live: torch.Tensor | None, rq: _Rows) -> torch.Tensor | None:
+    """Checked ``live`` as the kernels read it (None stays None)."""
+    check_live(live, rq.b, rq.q.device)
+    return None if live is None else live_flags(live)
+
+
+def _selection(rq: _Rows, cent, logn, scale, offs, log_threshold, n_keys, pins=None, live=None, pruned=None):
+    """centroid_selection on checked, prepared inputs (``live``: int8 flags); ``pruned``: see :func:`_scores` (decode
+    only)."""
     n_cent, dev = cent.shape[1], rq.q.device
     scores = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.float32, device=dev)
     selected = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.bool, device=dev)
@@ -588,9 +614,10 @@ def _selection(rq: _Rows, cent, logn, scale, offs, log_threshold, n_keys, pins=N
         cum = torch.empty(rq.b, rq.kvh, n_cent, dtype=torch.int32, device=dev)
         idx = torch.empty(rq.b, rq.kvh, max(n_keys, 1), dtype=torch.int32, device=dev)
         _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, (idx, cum), pins),
-                     pruned=pruned)
+                     pruned=pruned, live=live)
         return scores, selected, (idx, cum)
-    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None, pins), pruned=pruned)
+    _flat_lookup(rq, cent, logn, scale, scores, select=(sel, sums, offs, log_threshold, None, pins), pruned=pruned,
+                 live=live)
     return scores, selected, expand_worklist(sel, offs, sums, block_c, n_keys)
 
 
@@ -611,8 +638,15 @@ def hierarchical_centroid_scores(
     Only the level-2 centroids under kept level-1 clusters are loaded (through a compact index list);
     no host sync anywhere.
     """
-    kvh = centroids.shape[0]
-    rq = _Rows(q, kvh, config)
+    return _hierarchical_scores(_Rows(q, centroids.shape[0], config), l1_centroids, l1_log_counts, l1_offsets,
+                                centroids, log_counts, scale, l1_log_threshold)
+
+
+def _hierarchical_scores(rq: _Rows, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts, scale,
+                         l1_log_threshold, live=None) -> torch.Tensor:
+    """hierarchical_centroid_scores of ``rq``'s queries; ``live`` (int8 flags): a row that is not live keeps no
+    level-1 cluster, so it lists and scores no level-2 centroid (``-inf``)."""
+    q, kvh = rq.q, centroids.shape[0]
     _check_centroids(centroids, log_counts, kvh, rq.d)
     _check_centroids(l1_centroids, l1_log_counts, kvh, rq.d)
     n_l1, n_l2 = l1_centroids.shape[1], centroids.shape[1]
@@ -634,9 +668,10 @@ def hierarchical_centroid_scores(
     m_buf = torch.empty(rq.b * kvh, ns1 + ns2, rq.rows, dtype=torch.float32, device=q.device)
     l_buf = torch.empty_like(m_buf)
     _, l1_keep, (lst, lcum) = _selection(rq, l1_cent, l1_logn, scale, l1_offsets.contiguous(), l1_log_threshold,
-                                         n_l2, pruned=(m_buf, l_buf) if rq.decode else None)
+                                         n_l2, live=live, pruned=(m_buf, l_buf) if rq.decode else None)
     if not rq.decode:
-        _stats(rq, l1_cent, l1_logn, m_buf, l_buf, 0, ns1 + ns2, ns1, None, scale, excl=l1_keep.view(torch.int8))
+        _stats(rq, l1_cent, l1_logn, m_buf, l_buf, 0, ns1 + ns2, ns1, None, scale, excl=l1_keep.view(torch.int8),
+               live=live)
     logits = (torch.empty(rq.b * kvh, rq.rows, n_l2, dtype=torch.float32, device=q.device)
               if rq.decode else None)
     _stats(rq, cent, logn, m_buf, l_buf, ns1, ns1 + ns2, ns2, logits, scale, lst=lst, lcum=lcum)
@@ -658,13 +693,17 @@ def hierarchical_centroid_selection(
     n_keys: int,
     *,
     pins: torch.Tensor | None = None,
+    live: torch.Tensor | None = None,
     config: LookupConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton twin of :func:`sqz_kernels.reference.hierarchical_centroid_selection`: the hierarchical
-    lookup, then the threshold selection (OR ``pins``) folded into the work list's first launch."""
-    scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts, scale,
-                                          l1_log_threshold, config=config)
-    selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins)
+    lookup, then the threshold selection (OR ``pins``; nothing in a row that is not ``live``, which loads no
+    level-2 centroid either) folded into the work list's first launch."""
+    rq = _Rows(q, centroids.shape[0], config)
+    scores = _hierarchical_scores(rq, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts, scale,
+                                  l1_log_threshold, _live(live, rq))
+    selected, worklist = select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins,
+                                         live=live)
     return scores, selected, worklist
 
 

@@ -210,6 +210,13 @@ def check_pins(pins: torch.Tensor | None, batch: int, kv_heads: int, n_ranges: i
                          f"clusters) = {(batch, kv_heads, n_ranges)} tensor, got {pins.dtype} {tuple(pins.shape)}")
 
 
+def check_live(live: torch.Tensor | None, batch: int, device: torch.device) -> None:
+    """``live`` must be ``None`` or a bool ``(batch,)`` tensor on the queries' device."""
+    if live is not None and (live.shape != (batch,) or live.dtype != torch.bool or live.device != device):
+        raise ValueError(f"live must be a bool (batch,) = ({batch},) tensor on {device}, got {live.dtype} "
+                         f"{tuple(live.shape)} on {live.device}")
+
+
 def pin_rows(pins: torch.Tensor) -> torch.Tensor:
     """Checked ``pins`` as ``(rows, kv_heads, clusters)``: one set for every row is one row that broadcasts."""
     return pins[None] if pins.dim() == 2 else pins
@@ -217,28 +224,42 @@ def pin_rows(pins: torch.Tensor) -> torch.Tensor:
 
 def select_worklist(
     log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
-    *, pins: torch.Tensor | None = None,
+    *, pins: torch.Tensor | None = None, live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``select_clusters(..., log_threshold=...)`` (OR the non-empty ``pins``, bool ``(kv_heads, clusters)`` for every
-    row or ``(batch, kv_heads, clusters)`` per row) and :func:`build_worklist` of it: ``(selected, (idx, cum))``."""
+    row or ``(batch, kv_heads, clusters)`` per row) and :func:`build_worklist` of it: ``(selected, (idx, cum))``.
+    ``live`` (bool ``(batch,)``): a row that is not live selects nothing, pins included (an ended answer of a batch
+    that a CUDA graph still feeds: its work list is empty, so its attention reads no corpus key)."""
     check_pins(pins, *log_scores.shape)
+    check_live(live, log_scores.shape[0], log_scores.device)
     selected = select_clusters(log_scores, log_counts, log_threshold=log_threshold)
     if pins is not None:
         selected = selected | (pin_rows(pins) & ~torch.isinf(log_counts)[None])
+    if live is not None:
+        selected = selected & live[:, None, None]
     return selected, build_worklist(selected, offsets, capacity)
+
+
+def _dead_rows_score_nothing(scores: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    """The selections' scores with every score of a row that is not live ``-inf`` (it scores no centroid)."""
+    return scores if live is None else scores.masked_fill(~live[:, None, None], float("-inf"))
 
 
 def centroid_selection(
     q: torch.Tensor, centroids: torch.Tensor, log_counts: torch.Tensor, scale: float,
     cluster_offsets: torch.Tensor, log_threshold: float, n_keys: int,
-    *, pins: torch.Tensor | None = None,
+    *, pins: torch.Tensor | None = None, live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The flat lookup, its threshold selection and the work list in one call:
     ``(centroid_scores(...), select_clusters(..., log_threshold=...), build_worklist(selected, cluster_offsets,
     n_keys))``. ``pins`` (bool ``(kv_heads, clusters)``, or ``(batch, kv_heads, clusters)`` one set per row):
-    clusters selected whatever their score (non-empty ones). The work list goes to ``squeezed_attention(..., worklist=...)``."""
-    scores = centroid_scores(q, centroids, log_counts, scale)
-    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
+    clusters selected whatever their score (non-empty ones). ``live`` (bool ``(batch,)``): a row that is not live
+    scores nothing (``-inf``) and selects nothing, pins included. The work list goes to
+    ``squeezed_attention(..., worklist=...)``."""
+    check_live(live, q.shape[0], q.device)
+    scores = _dead_rows_score_nothing(centroid_scores(q, centroids, log_counts, scale), live)
+    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins,
+                                     live=live))
 
 
 def hierarchical_centroid_selection(
@@ -255,12 +276,16 @@ def hierarchical_centroid_selection(
     n_keys: int,
     *,
     pins: torch.Tensor | None = None,
+    live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`centroid_selection` with the hierarchical lookup (``pins``: the same; a pinned cluster under a
+    """:func:`centroid_selection` with the hierarchical lookup (``pins``, ``live``: the same; a pinned cluster under a
     pruned level-1 cluster is read too, its score stays ``-inf``)."""
-    scores = hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets, centroids, log_counts,
-                                          scale, l1_log_threshold)
-    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins))
+    check_live(live, q.shape[0], q.device)
+    scores = _dead_rows_score_nothing(hierarchical_centroid_scores(q, l1_centroids, l1_log_counts, l1_offsets,
+                                                                   centroids, log_counts, scale, l1_log_threshold),
+                                      live)
+    return (scores, *select_worklist(scores, log_counts, log_threshold, cluster_offsets, n_keys, pins=pins,
+                                     live=live))
 
 
 # Largest logits slice (float32 elements) log_attention materialises at once: 2**26 is 256 MB.

@@ -60,8 +60,9 @@ def _sizes(SEL, OFFS, row, off_row, stride_off, n_ranges, k, CHUNK: tl.constexpr
 
 
 @triton.jit
-def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, n_ranges, n_chunks, offset_rows, stride_off,
-                      stride_pin, log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr, HAS_PINS: tl.constexpr):
+def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, LIVE, n_ranges, n_chunks, offset_rows, stride_off,
+                      stride_pin, log_threshold, CHUNK: tl.constexpr, FROM_SCORES: tl.constexpr, HAS_PINS: tl.constexpr,
+                      HAS_LIVE: tl.constexpr):
     row = tl.program_id(0)
     k = tl.program_id(1)
     if FROM_SCORES:
@@ -76,6 +77,8 @@ def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, n_ranges, n_chu
             # for every batch row
             pin = tl.load(PINS + (row // offset_rows) * stride_pin + (row % offset_rows) * n_ranges + c, mask=cm, other=0)
             keep = keep | ((pin != 0) & (lc > -inf) & (lc < inf))
+        if HAS_LIVE:  # a batch row that is not live selects nothing, pins included
+            keep = keep & (tl.load(LIVE + row // offset_rows) != 0)
         tl.store(SEL + row.to(tl.int64) * n_ranges + c, keep.to(tl.int8), mask=cm)
         lo = tl.load(OFFS + (row % offset_rows) * stride_off + c, mask=cm, other=0)
         hi = tl.load(OFFS + (row % offset_rows) * stride_off + c + 1, mask=cm, other=0)
@@ -222,9 +225,15 @@ def build_worklist(
     sel = selected.contiguous().view(torch.int8)
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=selected.device)
-    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, sel, n, n_chunks, kvh, offsets.stride(0),
-                                           0, 0.0, CHUNK=_CHUNK, FROM_SCORES=False, HAS_PINS=False)
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, sel, sel, sel, sel, n, n_chunks, kvh,
+                                           offsets.stride(0), 0, 0.0, CHUNK=_CHUNK, FROM_SCORES=False, HAS_PINS=False,
+                                           HAS_LIVE=False)
     return expand_worklist(sel, offsets, sums, _CHUNK, capacity)
+
+
+def live_flags(live: torch.Tensor) -> torch.Tensor:
+    """A checked ``live`` (bool ``(batch,)``) as the kernels read it: contiguous int8, one flag per batch row."""
+    return live.contiguous().view(torch.int8)
 
 
 def check_pins(pins: torch.Tensor | None, batch: int, kv_heads: int, n_ranges: int) -> tuple[torch.Tensor | None, int]:
@@ -239,13 +248,15 @@ def check_pins(pins: torch.Tensor | None, batch: int, kv_heads: int, n_ranges: i
 
 def select_worklist(
     log_scores: torch.Tensor, log_counts: torch.Tensor, log_threshold: float, offsets: torch.Tensor, capacity: int,
-    *, pins: torch.Tensor | None = None,
+    *, pins: torch.Tensor | None = None, live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``select_clusters(log_scores, log_counts, log_threshold=...)`` (OR the non-empty ``pins``, one set for every
-    row or one per row) and :func:`build_worklist` of it in two launches instead of three: ``(selected, (idx, cum))``."""
+    row or one per row; nothing in a row that is not ``live``) and :func:`build_worklist` of it in two launches
+    instead of three: ``(selected, (idx, cum))``."""
     b, kvh, n = log_scores.shape
     _check(log_scores.shape, offsets)
     pins, stride_pin = check_pins(pins, b, kvh, n)
+    reference.check_live(live, b, log_scores.device)
     offsets = offsets.contiguous()
     scores = log_scores.to(torch.float32).contiguous()
     counts = log_counts.to(torch.float32).contiguous()
@@ -253,7 +264,9 @@ def select_worklist(
     sel = selected.view(torch.int8)
     n_chunks = triton.cdiv(n, _CHUNK)
     sums = torch.empty(b * kvh, n_chunks, dtype=torch.int32, device=log_scores.device)
-    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, pins if pins is not None else sel,
+    live8 = live_flags(live) if live is not None else sel
+    _chunk_sum_kernel[(b * kvh, n_chunks)](sel, offsets, sums, scores, counts, pins if pins is not None else sel, live8,
                                            n, n_chunks, kvh, offsets.stride(0), stride_pin, float(log_threshold),
-                                           CHUNK=_CHUNK, FROM_SCORES=True, HAS_PINS=pins is not None)
+                                           CHUNK=_CHUNK, FROM_SCORES=True, HAS_PINS=pins is not None,
+                                           HAS_LIVE=live is not None)
     return selected, expand_worklist(sel, offsets, sums, _CHUNK, capacity)

@@ -181,6 +181,8 @@ class BatchRead(CorpusRead):
         self._step_scored: dict[int, float] = {}  # layer -> centroids a step of one row scores (host-known part)
         self.active = [True] * batch
         self._active_dev = torch.ones(batch, dtype=torch.float64, device=dev)
+        # the same flags as the kernels take them: an ended row that a step of every row feeds reads no corpus key
+        self._live_dev = torch.ones(batch, dtype=torch.bool, device=dev)
         self._one = torch.ones(1, dtype=torch.float64, device=dev)
 
     def set_active(self, active: list[bool]) -> None:
@@ -191,6 +193,7 @@ class BatchRead(CorpusRead):
             return  # the device copy as it is: most steps change no row (a copy from the host waits for the device)
         self.active = list(active)
         self._active_dev.copy_(torch.tensor(self.active, dtype=torch.float64))
+        torch.ne(self._active_dev, 0, out=self._live_dev)  # in place: a pooled graph reads it by address
 
     def _one_row(self) -> int | None:
         """The row a computation is for when it is for one row only (a question read alone, or one row of a
@@ -206,6 +209,11 @@ class BatchRead(CorpusRead):
                 fn(q[b:b + 1, :, :t], dyn_k[b:b + 1, :, :t], *[x[b:b + 1] for x in rest])
             finally:
                 self._row = None
+
+    def _step_live(self):
+        if self.dyn.row is not None or self.dyn.live is not None or self.dyn._lengths is not None:
+            return None  # one row, the live rows only, or the questions: every row of the forward reads
+        return self._live_dev
 
     def _step_pins(self, layer_idx):
         pins = self.pins.get(layer_idx)

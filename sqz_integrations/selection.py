@@ -203,6 +203,7 @@ class CorpusRead:
         if dense:  # no lookup at all: every cluster, and one work list for the whole call
             return (None, *self._read_all(layer_idx, q.shape[0]))
         pins = self._step_pins(layer_idx) if kind == 0 else None
+        live = self._step_live() if kind == 0 else None
         if plan.fused and dense_heads is None and plan.selection == "threshold":
             # Triton: lookup + threshold (+ the pins) + work list in one entry point (2-3 launches instead of 5).
             n_keys = layer.keys.shape[1]
@@ -210,11 +211,11 @@ class CorpusRead:
                 return be.hierarchical_centroid_selection(
                     q, layer.l1_centroids, layer.l1_log_counts, layer.l1_offsets, layer.centroids,
                     layer.log_counts, scale, plan.l1_log_threshold[kind], layer.cluster_offsets,
-                    plan.log_threshold[kind], n_keys, pins=pins,
+                    plan.log_threshold[kind], n_keys, pins=pins, live=live,
                 )
             return be.centroid_selection(
                 q, layer.centroids, layer.log_counts, scale, layer.cluster_offsets, plan.log_threshold[kind], n_keys,
-                pins=pins,
+                pins=pins, live=live,
             )
         if plan.hierarchical:
             scores = be.hierarchical_centroid_scores(
@@ -234,7 +235,14 @@ class CorpusRead:
             selected = selected | (dense_heads[None, :, None] & torch.isfinite(layer.log_counts)[None])
         if pins is not None and plan.selection == "threshold":
             selected = selected | pin_rows(pins)
+        if live is not None:
+            selected = selected & live[:, None, None]
         return scores, selected, None
+
+    def _step_live(self) -> torch.Tensor | None:
+        """Which rows of a single-token read read the corpus (bool ``(batch,)`` on the device), None: every row. A
+        batch's graph step feeds its ended rows too (:class:`~sqz_integrations.batch.BatchRead`): they read nothing."""
+        return None
 
     def _step_pins(self, layer_idx: int) -> torch.Tensor | None:
         """The clusters a single-token read of this layer must read whatever their scores: ``(KVH, C)`` for every

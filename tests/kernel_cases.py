@@ -84,6 +84,14 @@ _case("selection-decode-row-pins", kind="selection", b=3, kvh=2, g=4, t=1, d=32,
       dtype="float16", pins=0.05, row_pins=True)
 _case("selection-decode-hier-row-pins", kind="selection", b=2, kvh=2, g=4, t=1, d=32, c=700, n=4001, tail=4, m=8,
       dtype="float16", p=300, pins=0.05, row_pins=True)
+# batch rows that are not live (ended answers a CUDA graph still feeds) score and select nothing, pins included:
+# flat decode (the stats pass loads no tile for them), hierarchical decode, flat prefill
+_case("selection-decode-dead-rows", kind="selection", b=3, kvh=2, g=4, t=1, d=32, c=600, n=3001, tail=4, m=8,
+      dtype="float16", pins=0.05, row_pins=True, dead=[1])
+_case("selection-decode-hier-dead-rows", kind="selection", b=3, kvh=2, g=4, t=1, d=32, c=700, n=4001, tail=4, m=8,
+      dtype="float16", p=300, pins=0.05, dead=[0, 2])
+_case("selection-prefill-dead-rows", kind="selection", b=2, kvh=2, g=3, t=9, d=32, c=300, n=1501, tail=3, m=12,
+      dtype="float32", pins=0.05, dead=[0])
 _case("selection-prefill-hier", kind="selection", b=1, kvh=2, g=3, t=9, d=64, c=60, n=411, tail=3, m=12,
       dtype="float32", p=9)
 # decode, hierarchical: 2 level-1 scores blocks (pruned partials from each); with pins, some under pruned
@@ -366,20 +374,29 @@ def _selection_case(name, p, device, dtype, gen, tol):
     scale = d ** -0.5
     pin_shape = (b, kvh, c) if p.get("row_pins") else (kvh, c)
     pins = (torch.rand(pin_shape, generator=gen) < p["pins"]).to(device) if "pins" in p else None
+    live = None
+    if "dead" in p:  # batch rows that are not live (ended answers a CUDA graph still feeds): they select nothing
+        live = torch.ones(b, dtype=torch.bool)
+        live[list(p["dead"])] = False
+        live = live.to(device)
     if "p" in p:
         l1_cent, l1_logn, l1_off = _level1(cent, logn, p["p"], kvh, d, device, gen)
         l1_thr = _mid_gap_threshold(ref.centroid_scores(q, l1_cent, l1_logn, scale), 0.3, 0.7)
         scores = ref.hierarchical_centroid_scores(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr)
         thr = _mid_gap_threshold(scores, 0.5, 0.9)
         got = tri.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr, n,
-                                                  pins=pins)
+                                                  pins=pins, live=live)
         want = ref.hierarchical_centroid_selection(q, l1_cent, l1_logn, l1_off, cent, logn, scale, l1_thr, offs, thr,
-                                                   n, pins=pins)
+                                                   n, pins=pins, live=live)
     else:
         scores = ref.centroid_scores(q, cent, logn, scale)
         thr = _mid_gap_threshold(scores)
-        got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
-        want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins)
+        got = tri.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins, live=live)
+        want = ref.centroid_selection(q, cent, logn, scale, offs, thr, n, pins=pins, live=live)
+    if live is not None:
+        msg = _dead_rows_read_nothing(name, got, want, live, (q, cent, logn, scale, offs, thr, n), pins)
+        if msg:
+            return msg
     if pins is not None:
         rows = ref.pin_rows(pins)
         if not bool((rows & (scores < thr)).any()):
@@ -396,7 +413,10 @@ def _selection_case(name, p, device, dtype, gen, tol):
                 return f"{name}: {fn.__module__}.{fn.__name__} took pins of shape {tuple(wrong.shape)}"
             except ValueError:
                 pass
-        if not bool((want[1] | ~(rows & torch.isfinite(logn)[None])).all()):
+        read = rows & torch.isfinite(logn)[None]
+        if live is not None:  # a row that is not live reads none of its pins
+            read = read & live[:, None, None]
+        if not bool((want[1] | ~read).all()):
             return f"{name}: the twin dropped a pinned cluster"
     (gs, gsel, (gidx, gcum)), (ws, wsel, (widx, wcum)) = got, want
     msg = _report(f"{name} scores", gs, ws, *tol["score"])
@@ -418,6 +438,32 @@ def _selection_case(name, p, device, dtype, gen, tol):
     out = tri.squeezed_attention(q, keys, values, offs, gsel, dk, dv, scale, worklist=(gidx, gcum))
     ref_out = ref.squeezed_attention(q, keys, values, offs, wsel, dk, dv, scale, worklist=(widx, wcum))
     return _report(f"{name} attention", out, ref_out, *tol["out"])
+
+
+def _dead_rows_read_nothing(name, got, want, live, flat_args, pins):
+    """Rows that are not live: every score -inf, nothing selected (pins included), an empty work list, in both
+    twins; the live rows select something. A ``live`` of the wrong length is refused by both."""
+    from sqz_kernels import reference as ref
+    from sqz_kernels import triton_ops as tri
+
+    dead = ~live.cpu()
+    for who, (scores, selected, (_, cum)) in (("triton", got), ("twin", want)):
+        scores, selected, cum = scores.cpu(), selected.cpu(), cum.cpu()
+        if not bool((scores[dead] == float("-inf")).all()):
+            return f"{name}: {who} scored a row that is not live"
+        if bool(selected[dead].any()) or bool(cum[dead][..., -1].any()):
+            return f"{name}: {who} selected clusters in a row that is not live"
+        if not bool(selected[~dead].any()):
+            return f"{name}: {who} selected nothing in the live rows"
+    if pins is not None and not bool(ref.pin_rows(pins).cpu().expand(len(live), -1, -1)[dead].any()):
+        return f"{name}: the rows that are not live have no pins, so their pins are not tested"
+    for fn in (tri.centroid_selection, ref.centroid_selection):
+        try:
+            fn(*flat_args, live=live[:-1])
+            return f"{name}: {fn.__module__}.{fn.__name__} took live of shape {tuple(live[:-1].shape)}"
+        except ValueError:
+            pass
+    return None
 
 
 # case parameters that switch a kernel module's code path for the case: param -> (module, attribute)
