@@ -40,6 +40,10 @@ class Question:
     cancelled: threading.Event | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
 
+    def left(self) -> bool:
+        """Whether its reader has left (a coalesced stream closed early)."""
+        return self.cancelled is not None and self.cancelled.is_set()
+
 
 @dataclasses.dataclass(frozen=True)
 class Joins:
@@ -114,7 +118,7 @@ class _Rows:
     def cancel_left(self) -> None:
         """A reader that left (a coalesced stream closed early): its row stops here."""
         for b, q in enumerate(self.occupant):
-            if not self.done[b] and q is not None and q.cancelled is not None and q.cancelled.is_set():
+            if not self.done[b] and q is not None and q.left():
                 self.done[b], self.finish[b], self.ended[b] = True, "cancelled", time.perf_counter()
 
 

@@ -14,6 +14,9 @@ A running batch may :meth:`Coalescer.take` calls queued meanwhile into it (into 
 into rows it adds: :meth:`Coalescer.waiting` says how many wait), rather than leave them to wait for the whole batch
 to end; so a call that arrives while a lone call decodes joins it at its next step.
 
+A call whose caller has left while it was queued (``abandoned``: a stream closed before its batch took it) is
+dropped wherever the queue is read, with ``None`` as its result, so no batch reads its question.
+
 Before it starts, a leader waits while other calls keep arriving (``gap_s`` at a time, at most ``max_wait_s``),
 but only if calls have overlapped in the last ``gather_window_s`` seconds: a lone interactive call starts at once
 (on a GPU a wait of 2 ms would be a fifth of a short answer's first token), and the first call of a burst
@@ -51,10 +54,12 @@ class Coalescer:
     same key submitted meanwhile. ``run`` may add queued calls to its running batch with :meth:`take`."""
 
     def __init__(self, run: Callable[[Hashable, list[Ticket]], list[Any]], max_rows: int,
-                 gap_s: float = 0.002, max_wait_s: float = 0.02, gather_window_s: float = 60.0):
+                 gap_s: float = 0.002, max_wait_s: float = 0.02, gather_window_s: float = 60.0,
+                 abandoned: Callable[[Any], bool] = lambda item: False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self._run = run
+        self._abandoned = abandoned
         self.max_rows = max_rows
         self.gap_s = gap_s
         self.max_wait_s = max_wait_s
@@ -87,7 +92,7 @@ class Coalescer:
         if most < 1:
             return []
         with self._lock:
-            queue = self._queues.get(key, [])
+            queue = self._pruned(key)
             taken = [t for t in queue if fits(t.item)][:most]
             if taken:
                 self._queues[key] = [t for t in queue if t not in taken]
@@ -98,7 +103,20 @@ class Coalescer:
         """From inside ``run(key, batch)``: how many calls are queued for ``key`` whose item ``fits`` (what a batch
         that could grow wider would :meth:`take`)."""
         with self._lock:
-            return sum(1 for t in self._queues.get(key, []) if fits(t.item))
+            return sum(1 for t in self._pruned(key) if fits(t.item))
+
+    def _pruned(self, key: Hashable, keep: Ticket | None = None) -> list[Ticket]:
+        """Under the lock: ``key``'s queue without the calls whose caller has left (but ``keep``), which get ``None``
+        as their result now."""
+        queue = self._queues.get(key, [])
+        left = [t for t in queue if t is not keep and self._abandoned(t.item)]
+        if not left:
+            return queue
+        for t in left:
+            t.result = None
+            t.ready.set()
+        self._queues[key] = queue = [t for t in queue if t not in left]
+        return queue
 
     def _gather(self, key: Hashable) -> None:
         """Wait while calls of ``key`` keep arriving: a lone call waits one gap."""
@@ -119,7 +137,7 @@ class Coalescer:
             if time.perf_counter() - self._last_overlap <= self.gather_window_s:
                 self._gather(key)
             with self._lock:
-                queue = self._queues[key]
+                queue = self._pruned(key, keep=ticket)
                 batch, self._queues[key] = queue[: self.max_rows], queue[self.max_rows :]
             results = self._run(key, batch)
             if len(results) != len(batch):
@@ -131,8 +149,9 @@ class Coalescer:
                 member.error = exc
         finally:
             with self._lock:
-                # without the leader's own ticket, still queued if it was interrupted before taking its batch
-                rest = [t for t in self._queues[key] if t is not ticket]
+                # without the leader's own ticket, still queued if it was interrupted before taking its batch, and
+                # without calls left meanwhile (none of those should lead a batch)
+                rest = [t for t in self._pruned(key, keep=ticket) if t is not ticket]
                 if rest:
                     self._queues[key] = rest
                     rest[0].promoted = True

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from conftest import hold_after_first_answer, hold_after_first_token, random_text, wait_for
 from sqz_integrations import SqueezeConfig
+from sqz_integrations import engine as engine_module
 from sqz_integrations.batch import BatchRead
 from sqz_integrations.coalesce import Coalescer
 
@@ -138,6 +141,35 @@ def test_a_running_batch_takes_queued_calls_that_fit():
     assert taken == [[1, 3]]  # the two that fit, in arrival order, though max_rows is 1
     assert waiting == [[2, 0], [1]]  # those that fit, counted before the take; then the one left
     assert results == [(0, [0, 1, 3]), (1, [0, 1, 3]), (2, [2]), (3, [0, 1, 3])]
+    assert coalescer._queues == {}
+
+
+def test_calls_left_while_queued_are_dropped_with_no_result():
+    """A call whose caller has left while it was queued (``abandoned``) is counted by no ``waiting``, taken by no
+    batch, leads no batch, and returns None: 2 leaves before the running batch looks at its queue, 3 after the batch
+    took 1, when 3 would have led the next batch."""
+    coalescer, seen, left = None, [], set()
+
+    def run(key, tickets):
+        if tickets[0].item == 0:  # the first batch, while 1, 2, 3 and 4 queue behind it
+            wait_for(lambda: len(coalescer._queues[key]) == 4)
+            left.add(2)
+            seen.append(coalescer.waiting(key, lambda item: True))
+            seen.append([t.item for t in coalescer.take(key, tickets, 1, lambda item: True)])
+            left.add(3)
+        return [(t.item, [u.item for u in tickets]) for t in tickets]
+
+    coalescer = Coalescer(run, max_rows=1, gather_window_s=-1.0, abandoned=lambda item: item in left)
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(coalescer.submit, "k", 0)
+        wait_for(lambda: "k" in coalescer._queues and not coalescer._queues["k"])  # 0 leads, its batch runs
+        rest = []
+        for i in (1, 2, 3, 4):  # queued in this order
+            rest.append(pool.submit(coalescer.submit, "k", i))
+            wait_for(lambda: len(coalescer._queues["k"]) == i)
+        results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
+    assert seen == [3, [1]]
+    assert results == [(0, [0, 1]), (1, [0, 1]), None, None, (4, [4])]
     assert coalescer._queues == {}
 
 
@@ -491,6 +523,43 @@ def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coa
         assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=1e-9)
         assert [s.document_index for s in b.sources] == [s.document_index for s in a.sources] and b.sources
         assert [s.score for s in b.sources] == pytest.approx([s.score for s in a.sources], rel=1e-6)
+
+
+def test_a_call_interrupted_while_queued_is_not_read(coalescing_engine, monkeypatch):
+    """A call interrupted while it waits in the queue behind a lone call (Ctrl-C in a notebook, say) leaves: the
+    running batch neither grows for it nor reads its question, and the lone call gets the answer it gets alone."""
+    engine, batches = coalescing_engine
+    alone = engine.answer(QUESTIONS[0], "docs", max_new_tokens=12)
+    first_piece, left = threading.Event(), threading.Event()
+
+    def until_left():  # after the lone call's first token, wait until the other call has queued and left
+        first_piece.set()
+        assert left.wait(10)
+
+    sizes = hold_after_first_token(engine, monkeypatch, until_left)
+    reads = []
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda ids, *a: reads.append(list(ids)) or forward(ids, *a))
+
+    class Interrupted(queue.SimpleQueue):
+        """The interrupted call's event queue: its wait ends in KeyboardInterrupt once the call is queued."""
+
+        def get(self, *args, **kwargs):
+            wait_for(lambda: queued(engine) == 1)
+            raise KeyboardInterrupt
+
+    with ThreadPoolExecutor(1) as pool:
+        lone = pool.submit(engine.answer, QUESTIONS[0], "docs", max_new_tokens=12)
+        assert first_piece.wait(10)  # the lone call's queue is made: the next one the engine makes is the other call's
+        monkeypatch.setattr(engine_module, "queue", types.SimpleNamespace(SimpleQueue=Interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            engine.answer(QUESTIONS[1], "docs", max_new_tokens=12)
+        left.set()
+        got = lone.result(timeout=60)
+    wait_for(lambda: queued(engine) == 0 and sizes)
+    assert got.token_ids == alone.token_ids and batches == [] and sizes == [1]  # it never grew
+    asked = engine.layout.suffix_ids(QUESTIONS[1])
+    assert asked not in reads  # its question was never read
 
 
 def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing_engine, monkeypatch, caplog):
