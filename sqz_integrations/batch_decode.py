@@ -41,7 +41,7 @@ class Question:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
 
     def left(self) -> bool:
-        """Whether its reader has left (a coalesced stream closed early)."""
+        """Whether its caller has left (a coalesced stream closed early, or a call interrupted while it waited)."""
         return self.cancelled is not None and self.cancelled.is_set()
 
 

@@ -14,8 +14,8 @@ A running batch may :meth:`Coalescer.take` calls queued meanwhile into it (into 
 into rows it adds: :meth:`Coalescer.waiting` says how many wait), rather than leave them to wait for the whole batch
 to end; so a call that arrives while a lone call decodes joins it at its next step.
 
-A call whose caller has left while it was queued (``abandoned``: a stream closed before its batch took it) is
-dropped wherever the queue is read, with ``None`` as its result, so no batch reads its question.
+A call whose caller has left while it was queued (``abandoned``: an ``answer`` or a stream interrupted while it
+waited) is dropped wherever the queue is read, with ``None`` as its result, so no batch reads its question.
 
 Before it starts, a leader waits while other calls keep arriving (``gap_s`` at a time, at most ``max_wait_s``),
 but only if calls have overlapped in the last ``gather_window_s`` seconds: a lone interactive call starts at once

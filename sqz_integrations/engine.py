@@ -94,7 +94,7 @@ class SqueezedEngine(BatchDecodingMixin):
         self.cuda_graph_error: str | None = None
         self._device_lock = decode_graph.DeviceLock()
         self._graph_pool = decode_graph.GraphPool()  # captured decode steps, reused by later answers
-        # a queued stream closed before a batch takes it is dropped, its question never read
+        # a queued call whose caller left (interrupted while it waited) is dropped, its question never read
         self._coalescer = Coalescer(self._answer_tickets, max_rows=1, abandoned=Question.left)
         self._max_coalesced: int | None = None
         self.max_coalesced = max_coalesced
