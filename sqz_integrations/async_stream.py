@@ -11,6 +11,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 _DONE = object()
+_worker = threading.local()  # in a worker of iterate_in_thread: ``left``, set once its consumer has gone
+
+
+def consumer_left() -> threading.Event | None:
+    """In the worker thread of :func:`iterate_in_thread`: an event set as soon as the async consumer stops (also while
+    the worker is blocked waiting for its next item), else None. The engine's coalesced calls watch it, so a call
+    whose consumer has gone is dropped from the queue, or its row ended, without waiting for its next piece."""
+    return getattr(_worker, "left", None)
 
 
 async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
@@ -31,6 +39,7 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> Async
 
     def produce() -> None:
         iterator = None
+        _worker.left = cancelled
         try:
             iterator = make_iterator()
             for item in iterator:
@@ -43,6 +52,7 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> Async
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            _worker.left = None
             put((True, _DONE))
 
     worker = threading.Thread(target=produce, name="sqz-astream", daemon=True)

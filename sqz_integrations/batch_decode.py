@@ -39,10 +39,12 @@ class Question:
     sink: Callable[[str | Answer], None] | None = None
     cancelled: threading.Event | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)  # its answer's times count from here
+    consumer_left: threading.Event | None = None  # an async consumer's (async_stream.consumer_left)
 
     def left(self) -> bool:
-        """Whether its caller has left (a coalesced stream closed early, or a call interrupted while it waited)."""
-        return self.cancelled is not None and self.cancelled.is_set()
+        """Whether its caller has left: a coalesced stream closed early, a call interrupted while it waited, or the
+        async consumer of its stream gone."""
+        return any(e is not None and e.is_set() for e in (self.cancelled, self.consumer_left))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from sqz_kernels import get_backend
 
 from . import attention, decode_graph, head_probe, storage
+from .async_stream import consumer_left
 from .batch import BatchRead
 from .batch_decode import BatchDecodingMixin, Joins, Question
 from .calibration import Calibration
@@ -592,7 +593,7 @@ class SqueezedEngine(BatchDecodingMixin):
         text pieces it is sent (if ``pieces``), then the Answer, which comes as soon as the question's row ends."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         sink = events.put if pieces else (lambda event: events.put(event) if isinstance(event, Answer) else None)
-        question = Question(suffix, sink=sink, cancelled=threading.Event())
+        question = Question(suffix, sink=sink, cancelled=threading.Event(), consumer_left=consumer_left())
 
         def submit() -> None:
             try:
@@ -607,6 +608,8 @@ class SqueezedEngine(BatchDecodingMixin):
                 event = events.get()
                 if isinstance(event, BaseException):
                     raise event
+                if event is None:  # dropped from the queue: its async consumer left before a batch took it
+                    return
                 yield event
                 if isinstance(event, Answer):
                     return
@@ -629,9 +632,12 @@ class SqueezedEngine(BatchDecodingMixin):
             return answer
         events = self._coalesced_events(key, suffix, pieces=False)
         try:
-            return next(event for event in events if isinstance(event, Answer))
+            answer = next((event for event in events if isinstance(event, Answer)), None)
         finally:
             events.close()
+        if answer is None:
+            raise RuntimeError("the call was dropped from the queue: its async consumer had gone")
+        return answer
 
     def _answer_tickets(self, key, tickets: list) -> list[Answer | None]:
         """The coalescer's batch of questions (:class:`Question`), as rows that calls queued meanwhile join (in the

@@ -14,6 +14,7 @@ import torch
 from conftest import hold_after_first_answer, hold_after_first_token, random_text, wait_for
 from sqz_integrations import SqueezeConfig
 from sqz_integrations import engine as engine_module
+from sqz_integrations.async_stream import iterate_in_thread
 from sqz_integrations.batch import BatchRead
 from sqz_integrations.coalesce import Coalescer
 
@@ -526,10 +527,10 @@ def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coa
         assert [s.score for s in b.sources] == pytest.approx([s.score for s in a.sources], rel=1e-6)
 
 
-def test_a_call_interrupted_while_queued_is_not_read(coalescing_engine, monkeypatch):
-    """A call interrupted while it waits in the queue behind a lone call (Ctrl-C in a notebook, say) leaves: the
-    running batch neither grows for it nor reads its question, and the lone call gets the answer it gets alone."""
-    engine, batches = coalescing_engine
+def assert_a_queued_call_that_leaves_is_not_read(engine, batches, monkeypatch, leave) -> None:
+    """A lone call decodes alone (held after its first token) while ``leave()``, in this thread, queues a call of
+    QUESTIONS[1] behind it whose caller then leaves. The running batch must neither grow for it nor read its question,
+    and the lone call gets the answer it gets alone."""
     alone = engine.answer(QUESTIONS[0], "docs", max_new_tokens=12)
     first_piece, left = threading.Event(), threading.Event()
 
@@ -541,6 +542,21 @@ def test_a_call_interrupted_while_queued_is_not_read(coalescing_engine, monkeypa
     reads = []
     forward = engine._forward
     monkeypatch.setattr(engine, "_forward", lambda ids, *a: reads.append(list(ids)) or forward(ids, *a))
+    with ThreadPoolExecutor(1) as pool:
+        lone = pool.submit(engine.answer, QUESTIONS[0], "docs", max_new_tokens=12)
+        assert first_piece.wait(10)  # the lone call's queue is made: the next one the engine makes is the other call's
+        leave()
+        left.set()
+        got = lone.result(timeout=60)
+    wait_for(lambda: queued(engine) == 0 and sizes)
+    assert batches == [] and sizes == [1]  # it never grew
+    assert engine.layout.suffix_ids(QUESTIONS[1]) not in reads  # its question was never read
+    assert got.token_ids == alone.token_ids
+
+
+def test_a_call_interrupted_while_queued_is_not_read(coalescing_engine, monkeypatch):
+    """A call interrupted while it waits in the queue behind a lone call (Ctrl-C in a notebook, say) leaves."""
+    engine, batches = coalescing_engine
 
     class Interrupted(queue.SimpleQueue):
         """The interrupted call's event queue: its wait ends in KeyboardInterrupt once the call is queued."""
@@ -549,18 +565,30 @@ def test_a_call_interrupted_while_queued_is_not_read(coalescing_engine, monkeypa
             wait_for(lambda: queued(engine) == 1)
             raise KeyboardInterrupt
 
-    with ThreadPoolExecutor(1) as pool:
-        lone = pool.submit(engine.answer, QUESTIONS[0], "docs", max_new_tokens=12)
-        assert first_piece.wait(10)  # the lone call's queue is made: the next one the engine makes is the other call's
+    def leave():
         monkeypatch.setattr(engine_module, "queue", types.SimpleNamespace(SimpleQueue=Interrupted))
         with pytest.raises(KeyboardInterrupt):
             engine.answer(QUESTIONS[1], "docs", max_new_tokens=12)
-        left.set()
-        got = lone.result(timeout=60)
-    wait_for(lambda: queued(engine) == 0 and sizes)
-    assert got.token_ids == alone.token_ids and batches == [] and sizes == [1]  # it never grew
-    asked = engine.layout.suffix_ids(QUESTIONS[1])
-    assert asked not in reads  # its question was never read
+
+    assert_a_queued_call_that_leaves_is_not_read(engine, batches, monkeypatch, leave)
+
+
+def test_an_async_stream_whose_consumer_leaves_while_queued_is_not_read(coalescing_engine, monkeypatch):
+    """An async consumer that stops while its stream's call waits in the queue (a client gone, its task cancelled):
+    the call is dropped though its worker thread is blocked waiting for a first piece, and the worker thread ends."""
+    engine, batches = coalescing_engine
+
+    async def consume_then_leave():
+        stream = iterate_in_thread(lambda: engine.stream_answer(QUESTIONS[1], "docs", max_new_tokens=12))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.to_thread(wait_for, lambda: queued(engine) == 1)
+        first.cancel()  # the consumer goes while the worker waits for the first piece
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    leave = lambda: asyncio.run(consume_then_leave())  # noqa: E731
+    assert_a_queued_call_that_leaves_is_not_read(engine, batches, monkeypatch, leave)
+    wait_for(lambda: not any(t.name == "sqz-astream" and t.is_alive() for t in threading.enumerate()))
 
 
 def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing_engine, monkeypatch, caplog):
