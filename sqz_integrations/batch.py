@@ -60,18 +60,22 @@ class RowTokens:
         join (its slots would otherwise fill up)."""
         self.lens[row] = 0
 
-    def adopt_rows(self, src: "RowTokens") -> None:
-        """Rows ``0 .. src.batch - 1`` take over ``src``'s rows as they stand (a batch grown wider moves here), in
-        place: a captured graph reads these buffers. The rows after them stay as they are (empty after a reset)."""
-        if src.batch > self.batch or src.capacity != self.capacity:
-            raise ValueError(f"rows of {src.batch} x {src.capacity} slots cannot move into {self.batch} x {self.capacity}")
+    def adopt_rows(self, src: "RowTokens", rows: list[int] | None = None) -> None:
+        """Rows ``0 .. len(rows) - 1`` take over ``src``'s rows ``rows`` (default: every row, in order) as they stand (a
+        batch grown wider, or narrowed to its live rows, moves here), in place: a captured graph reads these buffers.
+        The rows after them stay as they are (empty after a reset)."""
+        rows = list(range(src.batch)) if rows is None else list(rows)
+        if len(rows) > self.batch or src.capacity != self.capacity or not all(0 <= r < src.batch for r in rows):
+            raise ValueError(f"rows {rows} of {src.batch} x {src.capacity} slots cannot move into {self.batch} x "
+                             f"{self.capacity}")
+        moved = len(rows)
         for layer_idx, k in src.keys.items():
             if layer_idx not in self.keys:
                 self.keys[layer_idx] = k.new_zeros(self.batch, *k.shape[1:])
                 self.values[layer_idx] = src.values[layer_idx].new_zeros(self.batch, *src.values[layer_idx].shape[1:])
-            self.keys[layer_idx][: src.batch] = k
-            self.values[layer_idx][: src.batch] = src.values[layer_idx]
-        self.lens[: src.batch] = src.lens
+            self.keys[layer_idx][:moved] = k[rows]
+            self.values[layer_idx][:moved] = src.values[layer_idx][rows]
+        self.lens[:moved] = [src.lens[r] for r in rows]
 
     def begin_row(self, row: int, new_tokens: int) -> None:
         if not 0 <= row < self.batch:
@@ -319,24 +323,26 @@ class BatchRead(CorpusRead):
             pins[row].zero_()
         self.dyn.lens[row] = 0
 
-    def adopt_rows(self, src: "BatchRead") -> None:
-        """Rows ``0 .. src.batch - 1`` take over ``src``'s rows as they stand: their dynamic tokens, copy pins and
-        counts (a running batch grown wider, :mod:`~sqz_integrations.batch_decode`). Same corpus and plan; this read
-        was just made or reset, so its other rows are empty."""
+    def adopt_rows(self, src: "BatchRead", rows: list[int] | None = None) -> None:
+        """Rows ``0 .. len(rows) - 1`` take over ``src``'s rows ``rows`` (default: every row, in order) as they stand:
+        their dynamic tokens, copy pins and counts (a running batch grown wider, or narrowed to its live rows,
+        :mod:`~sqz_integrations.batch_decode`). Same corpus and plan; this read was just made or reset, so its other
+        rows are empty."""
         if src.corpus is not self.corpus or src.plan.kv_budget != self.plan.kv_budget:
             raise ValueError("rows move only between reads of one corpus with one plan")
-        rows = slice(0, src.batch)
-        self.dyn.adopt_rows(src.dyn)
-        self.row_keys[:, rows] = src.row_keys
-        self.row_scored_dev[rows] = src.row_scored_dev
-        self.row_mass[rows] = src.row_mass
-        for b in range(src.batch):
-            self.row_steps[b] = list(src.row_steps[b])
-            self.row_scored_host[b] = src.row_scored_host[b]
+        rows = list(range(src.batch)) if rows is None else list(rows)
+        self.dyn.adopt_rows(src.dyn, rows)
+        moved = slice(0, len(rows))
+        self.row_keys[:, moved] = src.row_keys[:, rows]
+        self.row_scored_dev[moved] = src.row_scored_dev[rows]
+        self.row_mass[moved] = src.row_mass[rows]
+        for b, r in enumerate(rows):
+            self.row_steps[b] = list(src.row_steps[r])
+            self.row_scored_host[b] = src.row_scored_host[r]
         for layer_idx, pins in src.pins.items():
             if layer_idx not in self.pins:
                 self.pins[layer_idx] = pins.new_zeros(self.batch, *pins.shape[1:])
-            self.pins[layer_idx][rows] = pins
+            self.pins[layer_idx][moved] = pins[rows]
         for layer_idx, scored in src._step_scored.items():  # the same for every read of this plan (see end_step)
             self._step_scored.setdefault(layer_idx, scored)
 

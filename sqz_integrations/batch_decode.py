@@ -102,6 +102,12 @@ class _Rows:
         self.ended += [0.0] * more
         self.last += [0] * more
 
+    def keep(self, rows: list[int]) -> None:
+        """Only ``rows`` stay, renumbered ``0 .. len(rows) - 1`` in that order (a batch narrowed to its live rows)."""
+        for name in ("occupant", "samplers", "texts", "finish", "done", "answered", "first_token", "ended", "last"):
+            values = getattr(self, name)
+            setattr(self, name, [values[b] for b in rows])
+
     def take(self, b: int, token: int) -> str:
         """Row ``b``'s new token -> the text it makes safe to show."""
         self.last[b] = token
@@ -245,6 +251,25 @@ class BatchDecodingMixin:
             rows.widen(width)
             n, steps = width, 0
 
+        def narrow(live: list[int]) -> None:
+            """The batch's live rows, as they stand, moved into a pooled graph of the width they need, where one is free
+            (a straggler then decodes at that width's speed: a batch of 8 with one live row took 3x a batch of one per
+            layer at 512K on the H200, its attention split for 8 rows), else left as they are."""
+            nonlocal slot, read, plan, n, step, steps
+            width = _width_for(len(live), n)
+            with self._device_lock.shared():
+                narrower = self._graph_slot(c, plan, tokens_needed, batch=width, pooled_only=True)
+                if narrower is None or narrower.step is None:
+                    if narrower is not None:
+                        self._graph_pool.give(c.name, narrower)
+                    return
+                narrower.read.adopt_rows(read, live)
+                self._graph_pool.give(c.name, slot)  # its live rows' counts are in the narrower read now
+                slot, read, plan, step = narrower, narrower.read, narrower.read.plan, narrower.step
+            rows.keep(live)
+            rows.widen(width)
+            n, steps = width, 0
+
         while True:
             rows.cancel_left()
             yield from finished()
@@ -269,6 +294,10 @@ class BatchDecodingMixin:
                 yield from finished()  # a joined question may end at its first token
             if all(rows.done):
                 break
+            live = [b for b in range(n) if not rows.done[b]]
+            if (graphs and step is not None and _width_for(len(live), n) < n and self.cuda_graph_error is None
+                    and (join is None or join.waiting(fits) == 0)):
+                narrow(live)
             if graphs and step is None and steps == 1:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None

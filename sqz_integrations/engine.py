@@ -432,9 +432,10 @@ class SqueezedEngine(BatchDecodingMixin):
         return (corpus.config.cuda_graphs and self.device.type == "cuda" and plan.fused
                 and max_new_tokens > 2 and self.cuda_graph_error is None)
 
-    def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int, batch: int | None = None
-                    ) -> "decode_graph.GraphSlot":
-        """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read. The key holds
+    def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int, batch: int | None = None,
+                    pooled_only: bool = False) -> "decode_graph.GraphSlot | None":
+        """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read (``pooled_only``:
+        None instead). The key holds
         everything a captured step depends on: the corpus object, the plan's settings (its thresholds and
         retrieval heads follow from them and the corpus's calibration), the corpus's configuration (sources,
         copy pins), the size of the dynamic-token buffers and, for ``answer_batch``, the number of rows."""
@@ -442,6 +443,8 @@ class SqueezedEngine(BatchDecodingMixin):
         key = (id(corpus), plan.kv_budget, plan.question_budget, plan.selection, plan.hierarchical,
                plan.backend.__name__, corpus.config, capacity, batch)
         slot = self._graph_pool.take(corpus.name, key)
+        if slot is None and pooled_only:
+            return None
         if slot is None:  # a fresh read with its own dynamic-token buffers (the caller holds the device lock)
             if batch is not None:
                 return decode_graph.GraphSlot(key, BatchRead(corpus, plan, batch, capacity,

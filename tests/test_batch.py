@@ -124,3 +124,37 @@ def test_row_tokens_keep_each_row_apart():
         store.begin_row(1, 4)
     with pytest.raises(IndexError):
         store.begin_row(3, 1)
+
+
+def test_rows_move_into_another_read_as_they_stand(make_tiny_engine):
+    """``BatchRead.adopt_rows``: the rows given (a batch narrowed to its live rows, in that order) take rows 0, 1, ...
+    of the other read with their dynamic tokens, copy pins and counts; with none given every row moves (a batch
+    grown wider). Rows that do not exist, or more rows than fit, are refused."""
+    from sqz_integrations.batch import BatchRead
+
+    engine = make_tiny_engine("llama", SqueezeConfig(kv_budget=0.25, observation_window=16))
+    corpus = engine.add_corpus("docs", DOCS, progress=False)
+    plan = engine._plan(corpus, None, None, None, None)
+    src = BatchRead(corpus, plan, 3, 16)
+    for b in range(3):  # row b: b + 1 tokens of value b + 1, pins and counts of its own
+        src.dyn.begin_row(b, b + 1)
+        k = torch.full((1, 2, b + 1, 16), float(b + 1))
+        src.dyn.append(0, k, -k)
+        src.dyn.end()
+        src.row_keys[:, b] = 10.0 * (b + 1)
+        src.row_steps[b] = [b + 1] * len(corpus.layers)
+    src.pins[0] = torch.stack([torch.full((2, 5), b == 1) for b in range(3)])
+    narrow = BatchRead(corpus, plan, 2, 16)
+    narrow.adopt_rows(src, [2, 1])
+    assert narrow.dyn.lens == [3, 2]
+    assert bool((narrow.dyn.keys[0][0, :, :3] == 3).all()) and bool((narrow.dyn.keys[0][1, :, :2] == 2).all())
+    assert bool((narrow.dyn.values[0][1, :, :2] == -2).all())
+    assert narrow.row_keys[:, 0].tolist() == [30.0] * len(corpus.layers) and narrow.row_steps[1][0] == 2
+    assert not narrow.pins[0][0].any() and narrow.pins[0][1].all()
+    wide = BatchRead(corpus, plan, 4, 16)
+    wide.adopt_rows(src)
+    assert wide.dyn.lens == [1, 2, 3, 0] and wide.row_steps[2][0] == 3
+    with pytest.raises(ValueError, match="cannot move"):
+        narrow.adopt_rows(src, [0, 3])
+    with pytest.raises(ValueError, match="cannot move"):
+        narrow.adopt_rows(src)

@@ -498,9 +498,9 @@ def test_calls_arriving_while_a_lone_call_decodes_join_it_as_the_batch_grows(coa
     moves = []
     adopt_rows = BatchRead.adopt_rows
 
-    def recorded(read, src):
+    def recorded(read, src, rows=None):
         moves.append((src.batch, read.batch))
-        return adopt_rows(read, src)
+        return adopt_rows(read, src, rows)
 
     monkeypatch.setattr(BatchRead, "adopt_rows", recorded)
     first_piece = threading.Event()

@@ -710,10 +710,7 @@ def test_calls_arriving_while_a_lone_call_decodes_grow_its_batch_on_cuda(world, 
     prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
     kw = dict(max_new_tokens=16, kv_budget=BUDGET)
     alone, margins = with_margins(monkeypatch, lambda: [e.answer(p, world.flat, **kw) for p in prompts])
-    moves, first_piece = [], threading.Event()
-    adopt_rows = BatchRead.adopt_rows
-    monkeypatch.setattr(BatchRead, "adopt_rows", lambda read, src: (moves.append((src.batch, read.batch)),
-                                                                     adopt_rows(read, src))[1])
+    moves, first_piece = record_moves(monkeypatch), threading.Event()
 
     def until_queued():  # after the lone call's first token, wait until the two others have queued
         first_piece.set()
@@ -730,7 +727,51 @@ def test_calls_arriving_while_a_lone_call_decodes_grow_its_batch_on_cuda(world, 
         got = list(pool.map(call, range(3)))
     wait_for(lambda: sizes)
     assert_near_ties_only(world, "grown", alone, got, margins, moves=moves, sizes=sizes)
-    assert sizes == [3] and moves == [(1, 4)] and e.cuda_graph_error is None
+    # grown to 4 rows; later, as rows end, it may narrow into a pooled graph of fewer rows
+    assert sizes == [3] and moves[0] == (1, 4) and all(b < a for a, b in moves[1:]) and e.cuda_graph_error is None
+
+
+def record_moves(monkeypatch) -> list[tuple[int, int]]:
+    """``(rows before, rows after)`` of every move of a batch's rows into another read (growing or narrowing)."""
+    moves, adopt_rows = [], BatchRead.adopt_rows
+
+    def recorded(read, src, rows=None):
+        moves.append((src.batch, read.batch))
+        return adopt_rows(read, src, rows)
+
+    monkeypatch.setattr(BatchRead, "adopt_rows", recorded)
+    return moves
+
+
+def test_a_batch_narrows_to_its_live_rows_on_cuda(world, monkeypatch):
+    """Once rows end and the live ones fit fewer rows whose graph is pooled, the batch moves into that graph, its live
+    rows as they stand: a straggler decodes at one row's width, not at its batch's. Rows 0 and 1 end at their fourth
+    token here (as if they sampled an end of turn); every row answers as it does alone, up to near ties."""
+    from sqz_integrations import batch_decode
+
+    e = world.engine
+    prompts = [QUESTION, OTHER_QUESTION, "Name one word of the third document, please."]
+    kw = dict(max_new_tokens=16, kv_budget=BUDGET)
+    early = {tuple(e.layout.suffix_ids(p)) for p in prompts[:2]}
+    take = batch_decode._Rows.take
+
+    def ends_early(rows, b, token):
+        piece = take(rows, b, token)
+        if tuple(rows.occupant[b].suffix) in early and len(rows.texts[b].ids) >= 4 and not rows.done[b]:
+            rows.done[b], rows.finish[b], rows.ended[b] = True, "stop", time.perf_counter()
+        return piece
+
+    monkeypatch.setattr(batch_decode._Rows, "take", ends_early)
+    # alone: each a coalesced lone call, a batch of one row, which also pools a graph of one row of this kind
+    alone, margins = with_margins(monkeypatch, lambda: [e.answer(p, world.flat, **kw) for p in prompts])
+    assert [len(a.token_ids) for a in alone[:2]] == [4, 4] and len(alone[2].token_ids) > 6  # the straggler
+    moves = record_moves(monkeypatch)
+    replays, _ = count_graph_steps(monkeypatch, batches_only=True)
+    got = e.answer_batch(prompts, world.flat, **kw)
+    assert_near_ties_only(world, "narrowed", alone, got, margins, moves=moves, replays=replays[0])
+    assert moves == [(3, 1)] and replays[0] > 0 and e.cuda_graph_error is None
+    for a, b in zip(alone, got):
+        assert b.kept_fraction == pytest.approx(a.kept_fraction, rel=0.02)
 
 
 def test_saved_corpus_loads_and_answers_the_same(world, tmp_path):
