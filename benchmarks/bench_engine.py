@@ -231,6 +231,11 @@ def run_size(engine: SqueezedEngine, tokens: int, args, device: str) -> dict:
     sync(device)
     rec.update(corpus_tokens=corpus.n_tokens, build_seconds=time.perf_counter() - t0, build_peak_gb=peak_gb(device),
                clusters_per_head=corpus.n_clusters)
+    if args.straggler:  # this measurement only
+        rec["straggler"] = {f"{b:g}": run_straggler(engine, args.batch, b, args.new_tokens, device) for b in args.budgets}
+        if captures is not None:
+            decode_graph.GraphedStep.__init__ = captures._init
+        return rec
     systems: dict[str, list[dict]] = {}
     # on CUDA every budget twice: decode steps replayed as CUDA graphs (the default) and launched eagerly
     modes = [("", True), (" eager", False)] if device == "cuda" and engine.config.cuda_graphs else [("", False)]
@@ -429,6 +434,60 @@ def run_batch(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int,
     return out
 
 
+def run_straggler(engine: SqueezedEngine, rows: int, budget: float, new_tokens: int, device: str) -> dict:
+    """A batch of ``rows`` answers (``answer_batch``) in which every row but the first ends at its fourth token (made
+    to, as if it sampled an end of turn: the random model never does) while the first goes on to ``new_tokens``: with
+    narrowing (the default: once the others have ended, the batch moves into a pooled graph of one row) and without
+    (the straggler decodes to its end in the graph of ``rows`` rows, its ended rows reading nothing). Seconds per
+    batch, median of 3 alternated runs after an untimed one each, and how far the straggler's tokens agree (its
+    steps are batched GEMMs of 1 or of ``rows`` rows, which may round a near-tie logit of the random model apart)."""
+    from sqz_integrations import batch_decode
+
+    questions = [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})" for i in range(rows)]
+    lead = tuple(engine.layout.suffix_ids(questions[0]))
+    take, graph_slot = batch_decode._Rows.take, engine._graph_slot
+
+    def ends_early(r, b, token):
+        piece = take(r, b, token)
+        if tuple(r.occupant[b].suffix) != lead and len(r.texts[b].ids) >= 4 and not r.done[b]:
+            r.done[b], r.finish[b], r.ended[b] = True, "stop", time.perf_counter()
+        return piece
+
+    def no_narrowing(*args, pooled_only=False, **kwargs):  # the batch finds no narrower graph, so it stays as wide
+        return None if pooled_only else graph_slot(*args, **kwargs)
+
+    def run(way: str) -> tuple[float, list[int]]:
+        if way == "no narrowing":
+            engine._graph_slot = no_narrowing
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            answers = engine.answer_batch(questions, "bench", max_new_tokens=new_tokens, kv_budget=budget)
+            sync(device)
+            return time.perf_counter() - t0, answers[0].token_ids
+        finally:
+            engine.__dict__.pop("_graph_slot", None)
+
+    ways = ("narrowing", "no narrowing")
+    batch_decode._Rows.take = ends_early
+    try:
+        engine.answer_batch(questions[:1], "bench", max_new_tokens=new_tokens, kv_budget=budget)  # a graph of one row
+        for way in ways:
+            run(way)  # untimed: the graph of `rows` rows is captured and pooled
+        timed = {way: [] for way in ways}
+        ids = {}
+        for _ in range(3):
+            for way in ways:
+                seconds, ids[way] = run(way)
+                timed[way].append(seconds)
+    finally:
+        batch_decode._Rows.take = take
+    return dict(rows=rows, budget=budget, new_tokens=new_tokens, straggler_tokens=len(ids["narrowing"]),
+                seconds={way: sorted(t)[1] for way, t in timed.items()}, all_seconds=timed,
+                straggler_equal=ids["narrowing"] == ids["no narrowing"],
+                straggler_leading_equal=leading_equal(ids["narrowing"], ids["no narrowing"]))
+
+
 def summarise(runs: list[dict]) -> dict:
     """Medians over the warm answers (the first answer of a size compiles kernels and fills caches)."""
     warm = [r for r in runs if r["warm"]] or runs
@@ -451,7 +510,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
              "| corpus tokens | build s | system | time to first token s | ms per later token | kept |",
              "|---|---|---|---|---|---|"]
     for r in records:
-        for name, s in r["systems"].items():
+        for name, s in r.get("systems", {}).items():
             lines.append(f"| {r['corpus_tokens']} | {r['build_seconds']:.1f} | {name} | {s['ttft_s']:.3f} | "
                          f"{s['per_token_ms']:.1f} | {s['kept_fraction']:.3f} |")
     batches = [(r["corpus_tokens"], b) for r in records for b in r.get("batch", {}).values()]
@@ -488,6 +547,16 @@ def markdown(meta: dict, records: list[dict]) -> str:
             cells.append(f"{b['tokens_per_s_staggered_alone']:.1f} / {1e3 * b['median_ttft_s_staggered_alone']:.0f}")
             gap = 1e3 * b["seconds_one_by_one"] / b["rows"] / b["rows"]
             lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {gap:.1f} | " + " | ".join(cells) + " |")
+    stragglers = [(r["corpus_tokens"], b) for r in records for b in r.get("straggler", {}).values()]
+    if stragglers:
+        lines += ["", "A straggler: a batch (`answer_batch`) whose rows but the first end at their fourth token while the "
+                  "first goes on; seconds per batch (median of 3), the batch narrowing into a pooled graph of one row "
+                  "once the others have ended (the default) or decoding the straggler in its full-width graph.", "",
+                  "| corpus tokens | budget | rows | straggler tokens | narrowing s | no narrowing s | straggler equal |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, b in stragglers:
+            lines.append(f"| {n} | {b['budget']:g} | {b['rows']} | {b['straggler_tokens']} | "
+                         f"{b['seconds']['narrowing']:.3f} | {b['seconds']['no narrowing']:.3f} | {b['straggler_equal']} |")
     for r in records:
         cap = r.get("graph_capture_ms")
         if cap and cap["n"]:
@@ -519,6 +588,8 @@ def main() -> None:
                     help="the real SmolLM2-135M-Instruct on the CPU, float32 (default --tokens 6144)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads with --cpu")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (torch twins): checks the script")
+    ap.add_argument("--straggler", action="store_true",
+                    help="only a batch whose rows but one end early, with and without narrowing (CUDA graphs)")
     args = ap.parse_args()
     device = "cpu" if args.cpu_smoke or args.cpu else "cuda"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
