@@ -8,7 +8,9 @@ batch's longest row does. Where calls are coalesced, calls queued meanwhile take
 batching), and where more of them wait than rows are free the batch grows: it moves, its rows as they stand, into a
 wider read (a power of two of rows, so that few widths need a CUDA graph). A joined question is read alone into its
 row and decodes with the others from the next step; so a call that arrives while a lone call decodes (a batch of one)
-joins it rather than wait for it to end.
+joins it rather than wait for it to end. The other way, once rows have ended and no call waits, a batch whose live rows
+fit fewer rows moves into a pooled graph of that width (never one captured for it): a straggler decodes at its own
+width. Ended rows that a graph step still feeds read no corpus key (the kernels' ``live`` flags).
 
 :class:`BatchDecodingMixin` is a part of :class:`~sqz_integrations.engine.SqueezedEngine` kept in its own module, as
 transformers keeps ``generate`` in its ``GenerationMixin``: it uses the engine's model, device lock, read plans and
