@@ -61,6 +61,17 @@ def submit_all(coalescer, run, calls):
         return [f.exception() or f.result() for f in futures]
 
 
+def queue_in_order(pool, coalescer, key, items) -> list:
+    """Submits ``items`` behind the running batch of ``key``, each queued before the next is submitted (threads would
+    otherwise race to the queue), but not waiting for the last: a batch that waits for them may go on at once."""
+    futures = []
+    for n, item in enumerate(items, 1):
+        futures.append(pool.submit(coalescer.submit, key, item))
+        if n < len(items):
+            wait_for(lambda: len(coalescer._queues[key]) == n)
+    return futures
+
+
 def test_calls_queued_behind_a_batch_run_as_batches_of_at_most_max_rows():
     run = BlockingRun()
     coalescer = Coalescer(run, max_rows=3, gather_window_s=-1.0)  # no gathering: the queues decide
@@ -137,7 +148,7 @@ def test_a_running_batch_takes_queued_calls_that_fit():
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(coalescer.submit, "k", 0)
         wait_for(lambda: "k" in coalescer._queues and not coalescer._queues["k"])  # 0 leads, its batch runs
-        rest = [pool.submit(coalescer.submit, "k", i) for i in (1, 2, 3)]
+        rest = queue_in_order(pool, coalescer, "k", [1, 2, 3])
         results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
     assert taken == [[1, 3]]  # the two that fit, in arrival order, though max_rows is 1
     assert waiting == [[2, 0], [1]]  # those that fit, counted before the take; then the one left
@@ -164,11 +175,7 @@ def test_calls_left_while_queued_are_dropped_with_no_result():
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(coalescer.submit, "k", 0)
         wait_for(lambda: "k" in coalescer._queues and not coalescer._queues["k"])  # 0 leads, its batch runs
-        rest = []
-        for i in (1, 2, 3, 4):  # queued in this order (the batch goes on once 4 is queued: no wait after it)
-            rest.append(pool.submit(coalescer.submit, "k", i))
-            if i < 4:
-                wait_for(lambda: len(coalescer._queues["k"]) == i)
+        rest = queue_in_order(pool, coalescer, "k", [1, 2, 3, 4])
         results = [first.result(timeout=10)] + [f.result(timeout=10) for f in rest]
     assert seen == [3, [1]]
     assert results == [(0, [0, 1]), (1, [0, 1]), None, None, (4, [4])]
