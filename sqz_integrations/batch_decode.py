@@ -261,9 +261,7 @@ class BatchDecodingMixin:
             width = _width_for(len(live), n)
             with self._device_lock.shared():
                 narrower = self._graph_slot(c, plan, tokens_needed, batch=width, pooled_only=True)
-                if narrower is None or narrower.step is None:
-                    if narrower is not None:
-                        self._graph_pool.give(c.name, narrower)
+                if narrower is None:
                     return
                 narrower.read.adopt_rows(read, live)
                 self._graph_pool.give(c.name, slot)  # its live rows' counts are in the narrower read now

@@ -242,11 +242,12 @@ class GraphPool:
     _free: dict = field(default_factory=dict)  # corpus name -> [GraphSlot], oldest first
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def take(self, corpus: str, key: tuple) -> GraphSlot | None:
+    def take(self, corpus: str, key: tuple, captured: bool = False) -> GraphSlot | None:
+        """The newest free slot of this kind (``captured``: only one whose step is captured), or None."""
         with self._lock:
             slots = self._free.get(corpus, [])
             for i in range(len(slots) - 1, -1, -1):
-                if slots[i].key == key:
+                if slots[i].key == key and (slots[i].step is not None or not captured):
                     return slots.pop(i)
         return None
 

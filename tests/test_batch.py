@@ -158,3 +158,19 @@ def test_rows_move_into_another_read_as_they_stand(make_tiny_engine):
         narrow.adopt_rows(src, [0, 3])
     with pytest.raises(ValueError, match="cannot move"):
         narrow.adopt_rows(src)
+
+
+def test_a_pooled_slot_without_a_captured_step_stays_in_the_pool_when_a_captured_one_is_asked_for():
+    """``GraphPool.take(captured=True)`` (a batch narrowing, which replays a pooled graph or stays as wide): a free
+    slot of the kind whose step was never captured is left where it is, for an answer that can capture it."""
+    from sqz_integrations.decode_graph import GraphPool, GraphSlot
+
+    pool = GraphPool()
+    bare = GraphSlot(("kind",), read=None)
+    pool.give("docs", bare)
+    assert pool.take("docs", ("kind",), captured=True) is None and len(pool) == 1
+    assert pool.take("docs", ("kind",)) is bare and len(pool) == 0
+    captured = GraphSlot(("kind",), read=None, step=object())
+    pool.give("docs", captured)
+    assert pool.take("docs", ("other",), captured=True) is None
+    assert pool.take("docs", ("kind",), captured=True) is captured and len(pool) == 0
