@@ -75,7 +75,8 @@ def _chunk_sum_kernel(SEL, OFFS, SUMS, SCORES, LOG_COUNTS, PINS, LIVE, n_ranges,
         keep = (s > -inf) & (s < inf) & (lc > -inf) & (lc < inf) & (s >= log_threshold)
         if HAS_PINS:  # ranges this row reads whatever their score (the engine's copy pins); stride_pin 0: one set
             # for every batch row
-            pin = tl.load(PINS + (row // offset_rows) * stride_pin + (row % offset_rows) * n_ranges + c, mask=cm, other=0)
+            pin = tl.load(PINS + (row // offset_rows) * stride_pin + (row % offset_rows) * n_ranges + c,
+                          mask=cm, other=0)
             keep = keep | ((pin != 0) & (lc > -inf) & (lc < inf))
         if HAS_LIVE:  # a batch row that is not live selects nothing, pins included
             keep = keep & (tl.load(LIVE + row // offset_rows) != 0)
