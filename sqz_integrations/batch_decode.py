@@ -235,40 +235,32 @@ class BatchDecodingMixin:
         step, steps = (slot.step if graphs else None), 0
         grows = True  # until growing fails for want of memory
 
-        def widen(width: int) -> None:
-            """The batch, its rows as they stand, moved into a read of ``width`` rows (pooled with its graph where one
-            was captured for that width, else new, captured at its second step as at a batch's start)."""
+        def move(width: int, live: list[int] | None = None) -> bool:
+            """The batch, its rows as they stand, moved into a read of ``width`` rows. Growing (``live`` None): every
+            row, into the pooled graph of that width where one was captured, else a new read (captured at its second
+            step, as at a batch's start). Narrowing: only the ``live`` rows, renumbered in that order, and only into a
+            pooled graph whose step is captured (a straggler then decodes at that width's speed: a batch of 8 with one
+            live row took 3x a batch of one per layer at 512K on the H200, its attention split for 8 rows); where none
+            is free the batch stays as it is. -> whether it moved."""
             nonlocal slot, read, plan, n, step, steps
             with self._device_lock.shared():
                 if graphs:
-                    wider = self._graph_slot(c, plan, tokens_needed, batch=width)
-                    wider.read.adopt_rows(read)
+                    target = self._graph_slot(c, plan, tokens_needed, batch=width, pooled_only=live is not None)
+                    if target is None:
+                        return False
+                    target.read.adopt_rows(read, live)
                     if self.cuda_graph_error is None:
-                        self._graph_pool.give(c.name, slot)  # its rows' counts are in the wider read now
-                    slot, read, plan, step = wider, wider.read, wider.read.plan, wider.step
+                        self._graph_pool.give(c.name, slot)  # the moved rows' counts are in the target read now
+                    slot, read, plan, step = target, target.read, target.read.plan, target.step
                 else:
-                    wider = BatchRead(c, plan, width, read.dyn.capacity, track_sources=c.config.sources)
-                    wider.adopt_rows(read)
-                    read = wider
+                    target = BatchRead(c, plan, width, read.dyn.capacity, track_sources=c.config.sources)
+                    target.adopt_rows(read, live)
+                    read = target
+            if live is not None:
+                rows.keep(live)
             rows.widen(width)
             n, steps = width, 0
-
-        def narrow(live: list[int]) -> None:
-            """The batch's live rows, as they stand, moved into a pooled graph of the width they need, where one is free
-            (a straggler then decodes at that width's speed: a batch of 8 with one live row took 3x a batch of one per
-            layer at 512K on the H200, its attention split for 8 rows), else left as they are."""
-            nonlocal slot, read, plan, n, step, steps
-            width = _width_for(len(live), n)
-            with self._device_lock.shared():
-                narrower = self._graph_slot(c, plan, tokens_needed, batch=width, pooled_only=True)
-                if narrower is None:
-                    return
-                narrower.read.adopt_rows(read, live)
-                self._graph_pool.give(c.name, slot)  # its live rows' counts are in the narrower read now
-                slot, read, plan, step = narrower, narrower.read, narrower.read.plan, narrower.step
-            rows.keep(live)
-            rows.widen(width)
-            n, steps = width, 0
+            return True
 
         while True:
             rows.cancel_left()
@@ -278,7 +270,7 @@ class BatchDecodingMixin:
                 waiting = join.waiting(fits)
                 if waiting > len(free):
                     try:
-                        widen(_width_for(n - len(free) + waiting, join.max_rows))
+                        move(_width_for(n - len(free) + waiting, join.max_rows))
                     except torch.OutOfMemoryError:  # the wider buffers do not fit: go on as wide as it is
                         grows = False
                         logger.warning("a batch of %d rows could not grow (out of device memory): the calls queued "
@@ -297,7 +289,7 @@ class BatchDecodingMixin:
             live = [b for b in range(n) if not rows.done[b]]
             if (graphs and step is not None and _width_for(len(live), n) < n and self.cuda_graph_error is None
                     and (join is None or join.waiting(fits) == 0)):
-                narrow(live)
+                move(_width_for(len(live), n), live)
             if graphs and step is None and steps == 1:
                 step = slot.step = self._capture(read, batch=n)
                 graphs = step is not None

@@ -435,9 +435,10 @@ class SqueezedEngine(BatchDecodingMixin):
     def _graph_slot(self, corpus: SqueezedCorpus, plan: ReadPlan, tokens: int, batch: int | None = None,
                     pooled_only: bool = False) -> "decode_graph.GraphSlot | None":
         """A pooled slot for this kind of answer (its read reset), or a new one with a fresh read (``pooled_only``: a
-        pooled slot whose step is captured, else None; a slot left as it is is not reset). The key holds everything a captured step depends on: the corpus object, the plan's settings
-        (its thresholds and retrieval heads follow from them and the corpus's calibration), the corpus's configuration
-        (sources, copy pins), the size of the dynamic-token buffers and, for ``answer_batch``, the number of rows."""
+        pooled slot whose step is captured, else None; a slot left as it is is not reset). The key holds everything a
+        captured step depends on: the corpus object, the plan's settings (its thresholds and retrieval heads follow
+        from them and the corpus's calibration), the corpus's configuration (sources, copy pins), the size of the
+        dynamic-token buffers and, for ``answer_batch``, the number of rows."""
         capacity = decode_graph.capacity_for(tokens)
         key = (id(corpus), plan.kv_budget, plan.question_budget, plan.selection, plan.hierarchical,
                plan.backend.__name__, corpus.config, capacity, batch)

@@ -605,7 +605,7 @@ def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing
     alone = [engine.answer(q, "docs", max_new_tokens=12) for q in QUESTIONS[:3]]
     tried = []
 
-    def out_of_memory(read, src):
+    def out_of_memory(read, src, rows=None):
         tried.append(read.batch)
         raise torch.OutOfMemoryError("no room for the wider buffers")
 
