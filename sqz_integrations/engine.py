@@ -57,7 +57,7 @@ def _sampling_params(name: str, max_new_tokens: int, kwargs: dict) -> SamplingPa
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword arguments {unknown}")
     return SamplingParams(max_new_tokens, kwargs.get("temperature", 0.0), kwargs.get("top_p", 1.0),
-                          tuple(kwargs.get("stop") or ()), kwargs.get("seed"))
+                          kwargs.get("stop"), kwargs.get("seed"))
 
 
 class SqueezedEngine(BatchDecodingMixin):
@@ -582,7 +582,7 @@ class SqueezedEngine(BatchDecodingMixin):
         batch of the calls made meanwhile with the same arguments, as :meth:`answer` does; its pieces come from the
         thread that runs that batch, and closing the stream early ends its row at the batch's next step.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+        params = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
         self.get_corpus(corpus)  # fail now, not at the first iteration
         suffix = self.layout.suffix_ids(prompt)
         read_options = (kv_budget, hierarchical, selection, question_budget)

@@ -40,8 +40,9 @@ class Answer:
 
 
 def check_stop_sequences(stop) -> tuple[str, ...]:
-    """Stop sequences must be non-empty strings; ``None`` means none."""
-    stop = tuple(stop or ())
+    """Stop sequences must be non-empty strings; ``None`` means none. A lone string is one sequence (as OpenAI-style
+    APIs take it), not the sequence of its characters."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"stop sequences must be non-empty strings, got {list(stop)!r}")
     return stop
@@ -62,7 +63,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        check_stop_sequences(self.stop)
+        # a list, None or a lone string as given -> the tuple of sequences (a frozen dataclass: set through object)
+        object.__setattr__(self, "stop", check_stop_sequences(self.stop))
 
 
 class Sampler:

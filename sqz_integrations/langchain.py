@@ -328,10 +328,10 @@ class ChatSqueezed(BaseChatModel):
                 f"{sorted(_CALL_KWARGS)} and stop"
             )
         for name, value in kwargs.items():
-            if name in _CALL_KWARGS:
+            if name in _CALL_KWARGS and value is not None:  # None: the model's own setting, as for `stop`
                 out[_CALL_KWARGS[name]] = value
         stop = self.stop if stop is None else stop
-        out["stop"] = list(stop) if stop else None
+        out["stop"] = list(check_stop_sequences(stop)) or None
         return out
 
     def _generate(

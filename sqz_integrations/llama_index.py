@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -169,11 +170,14 @@ class SqueezedLLM(CustomLLM):
     `response.raw["usage"]`; corpus, kept fraction and timings in `additional_kwargs`.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # extra="forbid": a misspelt or retriever-only setting (similarity_top_k) fails by name instead of being dropped
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
     engine: SqueezedEngine = Field(exclude=True, description="Engine holding model and corpus.")
     corpus: str = Field(description="Name of a corpus already added to the engine.")
-    max_new_tokens: int = Field(default=256, gt=0, description="Most tokens generated per call.")
+    max_new_tokens: int = Field(
+        default=256, gt=0, alias="max_tokens", description="Most tokens generated per call (`max_tokens` works too)."
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] | None = Field(default=None, description="Stop sequences (not emitted).")
@@ -217,16 +221,16 @@ class SqueezedLLM(CustomLLM):
         unknown = sorted(set(kwargs) - allowed)
         if unknown:
             raise TypeError(f"SqueezedLLM got unsupported arguments {unknown}; supported: {sorted(allowed)}")
+        given = {name: value for name, value in kwargs.items() if value is not None}  # None: this LLM's setting
         out = {
-            "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
-            "temperature": kwargs.get("temperature", self.temperature),
-            "top_p": kwargs.get("top_p", self.top_p),
-            "seed": kwargs.get("seed", self.seed),
-            "kv_budget": kwargs.get("kv_budget", self.kv_budget),
-            "question_budget": kwargs.get("question_budget", self.question_budget),
+            "max_new_tokens": given.get("max_new_tokens", given.get("max_tokens", self.max_new_tokens)),
+            "temperature": given.get("temperature", self.temperature),
+            "top_p": given.get("top_p", self.top_p),
+            "seed": given.get("seed", self.seed),
+            "kv_budget": given.get("kv_budget", self.kv_budget),
+            "question_budget": given.get("question_budget", self.question_budget),
         }
-        stop = kwargs.get("stop", self.stop)
-        out["stop"] = list(stop) if stop else None
+        out["stop"] = list(check_stop_sequences(given.get("stop", self.stop))) or None
         return out
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
@@ -557,20 +561,19 @@ class SqueezedIndex:
     ) -> SqueezedIndex:
         """Load documents (or nodes) into a corpus of `engine`, one corpus document each.
 
-        Without a `corpus` name, the name is derived from the documents' content, so loading
-        the same documents again reuses the corpus instead of rebuilding it. A document's
-        metadata is kept; `metadata["source"]` (or else `file_name`) heads its text.
+        Without a `corpus` name, the name is derived from the documents' text and metadata, so
+        loading the same documents again reuses the corpus instead of rebuilding it; the node ids
+        are not part of that name (a `Document` made without `id_` gets a random one each time),
+        and a reused corpus takes the ids of the documents loaded last. A document's metadata is
+        kept; `metadata["source"]` (or else `file_name`) heads its text.
         """
         docs = [_to_corpus_document(d) for d in documents]
         if not docs:
             raise ValueError("from_documents needs at least one document.")
         if corpus is None:
-            digest = hashlib.sha1()
-            for doc in docs:
-                digest.update(doc.text.encode())
-                digest.update(b"\0" + str(doc.metadata.get("source", "")).encode() + b"\0")
-            corpus = f"llama_index-{digest.hexdigest()[:12]}"
+            corpus = f"llama_index-{_content_digest(docs)}"
             if corpus in engine.corpora and not replace:
+                engine.get_corpus(corpus).documents = docs  # same text and metadata: only the node ids can differ
                 return cls(engine, corpus)
         engine.add_corpus(corpus, docs, progress=show_progress, replace=replace)
         return cls(engine, corpus)
@@ -633,6 +636,17 @@ class SqueezedIndex:
             system_prompt=system_prompt,
             prefix_messages=prefix_messages,
         )
+
+
+def _content_digest(docs: list[CorpusDocument]) -> str:
+    """12 hex digits of the documents' text and metadata (everything the corpus text or a source node shows), the node
+    ids left out."""
+    digest = hashlib.sha1()
+    for doc in docs:
+        metadata = {k: v for k, v in doc.metadata.items() if k != NODE_ID_KEY}
+        digest.update(doc.text.encode() + b"\0")
+        digest.update(json.dumps(metadata, sort_keys=True, default=repr).encode() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _to_corpus_document(doc: Document | BaseNode | str) -> CorpusDocument:

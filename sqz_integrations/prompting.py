@@ -75,8 +75,11 @@ def normalise_messages(prompt: Prompt) -> list[dict[str, str]]:
         if not isinstance(m["content"], str):
             raise TypeError(f"message {i} content must be a str, got {type(m['content']).__name__}")
         messages.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "user" for m in messages):
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
         raise ValueError("the chat needs at least one user message")
+    if not users[-1]["content"].strip():
+        raise ValueError("the question is empty (the chat's last user message has no text)")
     return messages
 
 

@@ -84,6 +84,15 @@ def make_tiny_engine(smol_tokenizer):
     return make
 
 
+def string_stop(text: str) -> str:
+    """Two characters of ``text`` that first occur at some ``i`` while their first character occurs before ``i``: as a
+    lone string stop sequence it cuts ``text`` at ``i``, where its characters taken one by one would cut earlier."""
+    for i in range(len(text) - 2, 0, -1):
+        if text[i] in text[:i] and text.index(text[i : i + 2]) == i:
+            return text[i : i + 2]
+    raise ValueError(f"no such pair in {text!r}")
+
+
 def random_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud lamp garden window paper music orange silver".split()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_FAMILIES, random_text
+from conftest import TINY_FAMILIES, random_text, string_stop
 from sqz_integrations import CorpusDocument, SqueezeConfig
 from sqz_integrations.corpus import budget_keys, centroid_storage
 from sqz_integrations.selection import CorpusRead
@@ -144,6 +144,9 @@ def test_bad_input_is_refused_clearly(make_tiny_engine):
         engine.generate(QUESTION, corpus="x", max_new_tokens=0)
     with pytest.raises(ValueError, match="role"):
         engine.generate([{"role": "robot", "content": "x"}], corpus="x")
+    with pytest.raises(ValueError, match="question is empty"):  # a chat asks its last user message
+        engine.generate([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                         {"role": "user", "content": " "}], corpus="x")
     with pytest.raises(ValueError, match="context window"):
         make_tiny_engine("llama", max_position_embeddings=64).add_corpus("big", DOCS, progress=False)
     with pytest.raises(ValueError, match="kv_budget"):
@@ -163,6 +166,8 @@ def test_stream_pieces_join_to_the_answer_and_stop_sequences(make_tiny_engine):
     streamed = engine.stream_answer(QUESTION, corpus="docs", max_new_tokens=20, stop=[stop])
     assert "".join(streamed) == cut
     assert streamed.answer.finish_reason == "stop" and stop not in streamed.answer.text
+    late = string_stop(full)  # a lone string is one stop sequence, not one per character
+    assert engine.generate(QUESTION, corpus="docs", max_new_tokens=20, stop=late) == full[: full.index(late)]
 
 
 def test_sampling_is_seeded(make_tiny_engine):

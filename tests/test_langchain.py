@@ -22,6 +22,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnablePassthrough
 from langchain_tests.unit_tests import ChatModelUnitTests
 
+from conftest import string_stop
 from essays import PLANTED_INDEX, PLANTED_QUESTION, knowledge_base
 from sqz_integrations.langchain import ChatSqueezed
 
@@ -236,6 +237,8 @@ def test_multi_token_stop_sequence_cuts_invoke_and_stream(llm, reference):
     assert streamed == expected
     bound = llm.bind(stop=[stop])
     assert bound.invoke(question).content == expected
+    late = string_stop(full)  # a lone string is one stop sequence, not one per character (OpenAI-style callers)
+    assert llm.invoke(question, stop=late).content == full[: full.index(late)]
 
 
 def test_batch_and_async_agree_with_invoke(llm, reference):
@@ -262,6 +265,16 @@ def test_bad_input_gets_a_clear_error(smol_engine, llm):
         llm.invoke("hi", tools=[{"name": "x"}])
     with pytest.raises(ValueError, match="text only"):
         llm.invoke([HumanMessage(content=[{"type": "image_url", "image_url": {"url": "x"}}])])
+    for blank in ("", "  \n", [HumanMessage("")]):  # as engine.answer("") is: the chat's last user message
+        with pytest.raises(ValueError, match="question is empty"):
+            llm.invoke(blank)
+
+
+def test_call_arguments_set_to_none_keep_the_model_settings(llm, reference):
+    """LangChain passes unset call arguments as None (stop=None above all): they mean the model's own settings."""
+    expected = reference(QUESTION).text
+    assert llm.invoke(QUESTION, max_tokens=None, stop=None).content == expected
+    assert llm.bind(temperature=None, kv_budget=None).invoke(QUESTION).content == expected
 
 
 # -- documents and sources ---------------------------------------------------------------------

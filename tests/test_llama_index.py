@@ -15,6 +15,7 @@ from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import ChatMessage, MessageRole
 
+from conftest import string_stop
 from essays import PLANTED_INDEX, PLANTED_QUESTION, knowledge_base
 from sqz_integrations.llama_index import SqueezedIndex, SqueezedLLM
 
@@ -142,6 +143,31 @@ def test_stop_sequence_and_bad_input(llm, smol_engine, reference):
         llm.complete(QUESTION, max_tokenz=3)
     with pytest.raises(KeyError, match="no corpus named 'missing'"):
         SqueezedLLM(engine=smol_engine, corpus="missing")
+    # a lone string is one stop sequence (not one per character); None falls back to the LLM's own settings
+    late = string_stop(full)
+    assert llm.complete(QUESTION, stop=late).text == full[: full.index(late)]
+    assert llm.complete(QUESTION, stop=None, temperature=None, max_tokens=None).text == full
+    stopping = SqueezedLLM(engine=smol_engine, corpus=llm.corpus, max_new_tokens=N, stop=[stop])
+    assert stopping.complete(QUESTION, stop=None).text == expected
+    # the question is the chat's last user message: blank is refused as a blank string prompt is
+    for blank in ("", "  \n"):
+        with pytest.raises(ValueError, match="question is empty"):
+            llm.chat([user(blank)])
+        with pytest.raises(ValueError, match="question is empty"):
+            llm.complete(blank)
+
+
+def test_llm_settings_are_checked_by_name(llm, smol_engine):
+    """A misspelt or retriever-only setting fails by name instead of being dropped; `max_tokens` is
+    LlamaIndex's usual name for the length limit."""
+    short = SqueezedLLM(engine=smol_engine, corpus=llm.corpus, max_tokens=3)
+    assert short.max_new_tokens == 3 and short.complete(QUESTION).raw["answer"].completion_tokens <= 3
+    with pytest.raises(ValueError, match="temprature"):
+        SqueezedLLM(engine=smol_engine, corpus=llm.corpus, temprature=0.7)
+    index = SqueezedIndex(smol_engine, llm.corpus)
+    assert index.as_query_engine(max_tokens=3)._llm.max_new_tokens == 3
+    with pytest.raises(ValueError, match="similarity_top_k"):
+        index.as_query_engine(similarity_top_k=3)
 
 
 def test_usable_as_settings_llm(llm, reference):
@@ -167,6 +193,27 @@ def test_index_loads_documents_once(index, li_docs, smol_engine):
     assert again.corpus == index.corpus  # same documents: the corpus is reused, not rebuilt
     with pytest.raises(TypeError, match="Document"):
         SqueezedIndex.from_documents([42], engine=smol_engine)
+
+
+def test_corpus_name_follows_text_and_metadata_not_node_ids(make_tiny_engine):
+    """from_documents reuses a corpus for the same text and metadata (a Document made without id_ gets a random id each
+    time), taking the new node ids; changed metadata (shown in source nodes, or in the corpus text as a title) builds
+    another corpus."""
+    engine = make_tiny_engine()
+    texts = ["The lamp is blue.", "The river is long.", "The stone is grey."]
+
+    def load(prefix: str, **metadata):
+        docs = [Document(text=t, metadata=dict(metadata), id_=f"{prefix}-{i}") for i, t in enumerate(texts)]
+        return SqueezedIndex.from_documents(docs, engine=engine, show_progress=False)
+
+    first = load("a", author="A")
+    again = load("b", author="A")
+    assert again.corpus == first.corpus and list(engine.corpora) == [first.corpus]  # reused, not rebuilt
+    assert [n.node_id for n in again.nodes] == ["b-0", "b-1", "b-2"]
+    other = load("c", author="B")
+    assert other.corpus != first.corpus and [n.metadata for n in other.nodes] == [{"author": "B"}] * 3
+    titled = load("d", title="Old"), load("e", title="New")
+    assert titled[0].corpus != titled[1].corpus and titled[1].nodes[0].metadata == {"title": "New"}
 
 
 def test_query_engine_with_scored_source_nodes(index, reference):
