@@ -136,14 +136,14 @@ class BatchDecodingMixin:
     """:meth:`_answer_rows` / :meth:`_row_events`: the batch loop of :class:`SqueezedEngine` (see the module)."""
 
     def _answer_rows(self, questions: list[Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                     selection, question_budget, *, join=None) -> list[Answer]:
+                     selection, question_budget, *, join=None, built=None) -> list[Answer]:
         """:meth:`answer_batch` of ``questions``: each one's sink is handed its pieces as they are decoded, then its
         :class:`Answer` as soon as its row ends; its times count from its ``submitted``. With ``join`` (see
         :meth:`_row_events`) also of the questions that join the batch, whose answers follow the others' in the
-        returned list."""
+        returned list. ``built``: the corpus object the calls were made on (default: the one named ``corpus`` now)."""
         answers: dict = {}
         for q, event in self._row_events(questions, corpus, params, kv_budget, hierarchical, selection, question_budget,
-                                         join):
+                                         join, built):
             if isinstance(event, Answer):
                 answers[q] = event
             if event and q.sink is not None:
@@ -152,7 +152,7 @@ class BatchDecodingMixin:
 
     @torch.inference_mode()
     def _row_events(self, questions: list[Question], corpus: str, params: SamplingParams, kv_budget, hierarchical,
-                    selection, question_budget, join=None) -> Iterator[tuple[Question, str | Answer]]:
+                    selection, question_budget, join=None, built=None) -> Iterator[tuple[Question, str | Answer]]:
         """The batch of ``questions``: yields ``(question, text piece)`` as the rows decode and ``(question, Answer)``
         as each row ends (before the next step), so a short answer is not held back by the batch's longest. A
         question whose ``cancelled`` event is set stops at the next step (finish reason ``"cancelled"``).
@@ -161,7 +161,7 @@ class BatchDecodingMixin:
         rows of ended ones and, where more wait than rows are free, rows the batch adds (it grows, up to
         ``join.max_rows``, into a wider read that takes over its rows as they stand); they are appended to
         ``questions`` and read into their rows (one forward each, alone) before the batch's next step."""
-        c = self.get_corpus(corpus)
+        c = built if built is not None else self.get_corpus(corpus)
         max_new_tokens = params.max_new_tokens
         n = len(questions)
         slot = None

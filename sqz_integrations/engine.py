@@ -583,11 +583,11 @@ class SqueezedEngine(BatchDecodingMixin):
         thread that runs that batch, and closing the stream early ends its row at the batch's next step.
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
-        self.get_corpus(corpus)  # fail now, not at the first iteration
+        built = self.get_corpus(corpus)  # fail now, not at the first iteration
         suffix = self.layout.suffix_ids(prompt)
         read_options = (kv_budget, hierarchical, selection, question_budget)
-        if self.max_coalesced > 1:
-            return AnswerStream(self._coalesced_events((corpus, params, read_options), suffix))
+        if self.max_coalesced > 1:  # keyed by the corpus object too, as in answer()
+            return AnswerStream(self._coalesced_events((corpus, built, params, read_options), suffix))
         return AnswerStream(self._events(suffix, corpus, params, *read_options))
 
     def _coalesced_events(self, key: tuple, suffix: list[int], pieces: bool = True) -> Iterator:
@@ -627,12 +627,15 @@ class SqueezedEngine(BatchDecodingMixin):
         :class:`Answer` count from its own call.
         """
         params = _sampling_params("answer", max_new_tokens, kwargs)
-        self.get_corpus(corpus)
+        built = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
-        key = (corpus, params, tuple(kwargs.get(k) for k in _READ_OPTIONS))
+        read_options = tuple(kwargs.get(k) for k in _READ_OPTIONS)
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
-            *_, answer = self._events(suffix, corpus, params, *key[2])  # its text pieces, then its Answer
+            *_, answer = self._events(suffix, corpus, params, *read_options)  # its text pieces, then its Answer
             return answer
+        # the corpus object, not only its name: a call made after add_corpus(replace=True) must not join a batch
+        # still decoding on the corpus it replaced
+        key = (corpus, built, params, read_options)
         events = self._coalesced_events(key, suffix, pieces=False)
         try:
             answer = next((event for event in events if isinstance(event, Answer)), None)
@@ -646,10 +649,10 @@ class SqueezedEngine(BatchDecodingMixin):
         """The coalescer's batch of questions (:class:`Question`), as rows that calls queued meanwhile join (in the
         rows of ended ones, or in rows the batch adds: a lone call's batch grows as calls arrive); each question's
         sink gets its pieces as they are decoded, then its Answer as soon as its row ends."""
-        corpus, params, read_options = key
+        corpus, built, params, read_options = key
         joins = Joins(take=lambda most, fits: [t.item for t in self._coalescer.take(key, tickets, most, fits)],
                       waiting=lambda fits: self._coalescer.waiting(key, fits), max_rows=self._coalescer.max_rows)
-        return self._answer_rows([t.item for t in tickets], corpus, params, *read_options, join=joins)
+        return self._answer_rows([t.item for t in tickets], corpus, params, *read_options, join=joins, built=built)
 
     def generate(self, prompt: Prompt, corpus: str, max_new_tokens: int = 256, **kwargs) -> str:
         """The answer's text (see :meth:`stream_answer` for the arguments)."""

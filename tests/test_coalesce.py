@@ -629,3 +629,32 @@ def test_a_batch_that_cannot_grow_for_memory_goes_on_as_wide_as_it_is(coalescing
     assert tried == [4] and sizes == [3] and batches == []  # tried once, then one row for the three, one by one
     assert [a.token_ids for a in got] == [a.token_ids for a in alone]
     assert "could not grow" in caplog.text
+
+
+def test_a_call_after_its_corpus_is_replaced_does_not_join_a_batch_on_the_old_one(coalescing_engine, monkeypatch):
+    """Calls are keyed by the corpus object, not only its name: a call made after ``add_corpus(replace=True)`` is
+    answered from the new corpus even while a batch with the same settings still decodes on the old one."""
+    engine, _ = coalescing_engine
+    old = engine.get_corpus("docs")
+    seen = {}
+
+    def replace_then_call():
+        if seen:  # the later call's own batch comes here too
+            return
+        new = engine.add_corpus("docs", [random_text(30, seed=9)], progress=False, replace=True)
+        seen["new"] = new
+        pool = ThreadPoolExecutor(1)  # not waited for here: a call that joined this batch ends only after it goes on
+        later = pool.submit(engine.answer, QUESTIONS[1], "docs", max_new_tokens=12)
+        pool.shutdown(wait=False)
+        # on the old key it would queue to join this held batch, so it could not end while the batch is held
+        try:
+            seen["later"], seen["joined"] = later.result(timeout=10), False
+        except TimeoutError:
+            seen["later"], seen["joined"] = later, True
+
+    sizes = hold_after_first_token(engine, monkeypatch, replace_then_call)
+    first = engine.answer(QUESTIONS[0], "docs", max_new_tokens=12)
+    wait_for(lambda: len(sizes) == 2)
+    assert not seen["joined"] and sizes == [1, 1]
+    assert first.corpus_tokens == old.n_tokens and seen["later"].corpus_tokens == seen["new"].n_tokens
+    assert seen["new"].n_tokens != old.n_tokens
