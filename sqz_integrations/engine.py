@@ -9,6 +9,7 @@ On CUDA with the Triton kernels, the read holds those tokens itself and decode s
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -38,8 +39,9 @@ from .selection import CorpusRead, QueryRecorder, ReadPlan
 
 logger = logging.getLogger(__name__)
 
-# load_corpus recomputes the keys of a saved corpus's first tokens with the engine's model and compares them
-# (saved_key_differences, relative RMS per layer). Measured: the model that built the corpus 0.0 in every layer (SmolLM2
+# load_corpus recomputes the keys and values of a saved corpus's first tokens with the engine's model and compares them
+# (saved_key_differences, relative RMS per layer, the larger of keys and values: a model that differs only in its value
+# projections computes the same keys). Measured on the keys: the model that built the corpus 0.0 in every layer (SmolLM2
 # on the CPU in float32 and bfloat16; random Llamas in bf16 / fp16 on the H200, engine_gpu_report_saved_20261130-0840);
 # SmolLM2 with every weight scaled by 1.001 / 1.01 / 1.05: at most 0.003 / 0.04 / 0.16; with 5% noise added: 0.15.
 # The tolerance leaves room for another device's rounding (a GPU-built corpus loaded on a CPU) and refuses another
@@ -48,6 +50,11 @@ _KEY_CHECK_TOKENS = 32
 # the per-call overrides of how a corpus is read (stream_answer's keyword arguments besides sampling)
 _READ_OPTIONS = ("kv_budget", "hierarchical", "selection", "question_budget")
 _KEY_CHECK_TOLERANCE = 0.1
+
+
+def _relative_rms(saved: torch.Tensor, fresh: torch.Tensor) -> float:
+    fresh = fresh.float()
+    return float((saved.float() - fresh).norm() / fresh.norm().clamp_min(1e-12))
 
 
 def _sampling_params(name: str, max_new_tokens: int, kwargs: dict) -> SamplingParams:
@@ -214,13 +221,13 @@ class SqueezedEngine(BatchDecodingMixin):
         """
         self._check_name(name, replace)
         cfg = config or self.config
+        if cfg.system_prompt != self.layout.system_prompt:
+            raise ValueError("a corpus's config cannot change system_prompt: every prompt is rendered with the engine's "
+                             f"({self.layout.system_prompt!r}); make an engine whose config has that system prompt")
         docs = as_documents(documents)
         start = time.perf_counter()
         header_ids, ids, token_doc, spans = self._corpus_tokens(docs)
-        if self.context_window and len(ids) >= self.context_window:
-            raise ValueError(
-                f"corpus {name!r} is {len(ids)} tokens; the model's context window is {self.context_window}"
-            )
+        self._check_fits(name, len(ids), self._build_room(cfg))
         # the whole build on the device, shared with other threads' forwards (a CUDA-graph capture waits for it)
         with self._device_lock.shared():
             clustered, always = split_tokens(len(ids), len(header_ids), cfg.always_window)
@@ -248,10 +255,42 @@ class SqueezedEngine(BatchDecodingMixin):
                 corpus.head_misses = self._probe_heads(corpus, clustered, cfg)
         corpus.build_seconds = time.perf_counter() - start
         with self._lock:
+            self._check_name(name, replace)  # another thread may have added one meanwhile
             self._corpora[name] = corpus
         self._graph_pool.drop(name)  # the graphs of a corpus this one replaces
         logger.info("corpus %r: %d tokens, %d clusters per head, built in %.1fs", name, len(ids), corpus.n_clusters, corpus.build_seconds)
         return corpus
+
+    def _build_room(self, cfg: SqueezeConfig) -> int:
+        """Tokens the build's own questions need after the corpus: the calibration probe and its answer, the head
+        probe's question (its quotes re-tokenised: a margin of 8 tokens each for their marks and numbering)."""
+        room = 0
+        if cfg.calibration_probe:
+            room = len(self.layout.suffix_ids(cfg.calibration_probe)) + cfg.probe_tokens
+        if cfg.retrieval_share > 0:
+            lead = len(self.layout.suffix_ids(head_probe.QUESTION_LEAD))
+            room = max(room, lead + head_probe.N_PASSAGES * (head_probe.PASSAGE_TOKENS + 8))
+        return room
+
+    def _check_fits(self, name: str, n_tokens: int, room: int = 0) -> None:
+        """A corpus of ``n_tokens`` must leave ``room`` tokens (and at least one) of the model's context window."""
+        window = self.context_window
+        if window and n_tokens + max(room, 1) > window:
+            also = f" and its build's probe questions {room} more" if room else ""
+            raise ValueError(f"corpus {name!r} is {n_tokens} tokens{also}; the model's context window is {window}")
+
+    def _fitted(self, corpus: SqueezedCorpus, question_tokens: int, params: SamplingParams) -> SamplingParams:
+        """``params`` with ``max_new_tokens`` cut to the room the context window leaves after the corpus and the
+        question (an answer that reaches it ends with finish_reason "length"); a question that leaves none is
+        refused (positions past the window fail in a model with learned ones, and degrade in the others)."""
+        window = self.context_window
+        if not window:
+            return params
+        room = window - corpus.n_tokens - question_tokens
+        if room < 1:
+            raise ValueError(f"the question is {question_tokens} tokens; after corpus {corpus.name!r}'s "
+                             f"{corpus.n_tokens} it leaves no room in the model's context window of {window}")
+        return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
 
     def _corpus_tokens(self, docs: list[CorpusDocument]):
         """-> (header ids, all ids, the document of every token (-1: template), each document's span)."""
@@ -288,6 +327,7 @@ class SqueezedEngine(BatchDecodingMixin):
         meta = storage.read_meta(path)
         name = meta["name"] if name is None else name
         self._check_name(name, replace)  # before any tensor is read; again below, under the same lock as the insert
+        self._check_fits(name, len(meta["token_ids"]))
         saved = meta["model"]
         if (saved["model_type"], saved["num_hidden_layers"]) != (self.model.config.model_type,
                                                                  self.model.config.num_hidden_layers):
@@ -309,8 +349,9 @@ class SqueezedEngine(BatchDecodingMixin):
 
     @torch.inference_mode()
     def saved_key_differences(self, corpus: SqueezedCorpus) -> list[float]:
-        """Per layer, how far this model's keys of the corpus's first tokens (up to ``_KEY_CHECK_TOKENS``, one
-        forward) are from the corpus's stored ones: relative RMS difference; 0 for the model that built it."""
+        """Per layer, how far this model's keys and values of the corpus's first tokens (up to ``_KEY_CHECK_TOKENS``,
+        one forward) are from the corpus's stored ones: the larger relative RMS difference of the two; 0 for the model
+        that built it."""
         m = min(_KEY_CHECK_TOKENS, corpus.n_tokens)
         capture = attention.CorpusCapture(m, window=0)
         self._prefill(corpus.token_ids[:m], capture, m, False, corpus.name)
@@ -322,16 +363,17 @@ class SqueezedEngine(BatchDecodingMixin):
                                  f"this model computes {tuple(fresh.shape)} {fresh.dtype} (load the model in the "
                                  "dtype the corpus was built with)")
             stored_at = torch.argsort(layer.key_pos.long(), dim=1)[:, :m]  # where positions 0..m-1 are stored
-            saved = layer.keys.gather(1, stored_at.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])).float()
-            out.append(float((saved - fresh.float()).norm() / fresh.float().norm().clamp_min(1e-12)))
+            at = stored_at.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
+            out.append(max(_relative_rms(layer.keys.gather(1, at), fresh),
+                           _relative_rms(layer.values.gather(1, at), capture.values[l])))
         return out
 
     def _check_saved_keys(self, corpus: SqueezedCorpus, path) -> None:
         diffs = self.saved_key_differences(corpus)
         worst = max(range(len(diffs)), key=lambda l: diffs[l])
         if not diffs[worst] <= _KEY_CHECK_TOLERANCE:
-            raise ValueError(f"{path} was built by another model (or other weights): layer {worst}'s keys of the first "
-                             f"tokens differ from this model's by {diffs[worst]:.3f} (relative RMS; the tolerance is "
+            raise ValueError(f"{path} was built by another model (or other weights): layer {worst}'s keys or values of "
+                             f"the first tokens differ from this model's by {diffs[worst]:.3f} (relative RMS; the tolerance is "
                              f"{_KEY_CHECK_TOLERANCE})")
 
     @torch.inference_mode()
@@ -585,6 +627,7 @@ class SqueezedEngine(BatchDecodingMixin):
         params = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
         built = self.get_corpus(corpus)  # fail now, not at the first iteration
         suffix = self.layout.suffix_ids(prompt)
+        params = self._fitted(built, len(suffix), params)
         read_options = (kv_budget, hierarchical, selection, question_budget)
         if self.max_coalesced > 1:  # keyed by the corpus object too, as in answer()
             return AnswerStream(self._coalesced_events((corpus, built, params, read_options), suffix))
@@ -629,6 +672,7 @@ class SqueezedEngine(BatchDecodingMixin):
         params = _sampling_params("answer", max_new_tokens, kwargs)
         built = self.get_corpus(corpus)
         suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
+        params = self._fitted(built, len(suffix), params)
         read_options = tuple(kwargs.get(k) for k in _READ_OPTIONS)
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
             *_, answer = self._events(suffix, corpus, params, *read_options)  # its text pieces, then its Answer
@@ -676,9 +720,11 @@ class SqueezedEngine(BatchDecodingMixin):
         if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of questions or chat histories, got {type(prompts).__name__}")
         params = _sampling_params("answer_batch", max_new_tokens, kwargs)
-        self.get_corpus(corpus)
+        built = self.get_corpus(corpus)
         start = time.perf_counter()  # every answer's times count from the call
         questions = [Question(self.layout.suffix_ids(p), submitted=start) for p in prompts]
+        if questions:  # the batch's buffers hold its longest question and max_new_tokens for every row
+            params = self._fitted(built, max(len(q.suffix) for q in questions), params)
         return self._answer_rows(questions, corpus, params, *(kwargs.get(k) for k in _READ_OPTIONS)) if questions else []
 
     def _text_assembler(self, params: SamplingParams) -> TextAssembler:

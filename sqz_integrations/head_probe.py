@@ -19,6 +19,7 @@ from sqz_kernels import reference
 from .selection import CorpusRead, ReadPlan, focused_attention
 
 # Passages quoted by the probe, and tokens per passage; spread evenly over the clustered tokens.
+QUESTION_LEAD = "Where do these passages appear in the documents?"
 N_PASSAGES = 4
 PASSAGE_TOKENS = 24
 
@@ -30,7 +31,7 @@ def probe_question(token_ids: list[int], clustered: torch.Tensor, decode) -> str
     starts = [int(clustered[min(n - length, int(n * (i + 0.5) / N_PASSAGES))]) for i in range(N_PASSAGES)]
     quotes = [decode(token_ids[s : s + length]).strip() for s in starts]
     lines = "\n".join(f'{i + 1}. "{q}"' for i, q in enumerate(quotes))
-    return f"Where do these passages appear in the documents?\n{lines}"
+    return f"{QUESTION_LEAD}\n{lines}"
 
 
 class MissedFocus(CorpusRead):

@@ -151,6 +151,34 @@ def test_bad_input_is_refused_clearly(make_tiny_engine):
         make_tiny_engine("llama", max_position_embeddings=64).add_corpus("big", DOCS, progress=False)
     with pytest.raises(ValueError, match="kv_budget"):
         SqueezeConfig(kv_budget=0)
+    with pytest.raises(ValueError, match="cannot change system_prompt"):  # every prompt is rendered with the engine's
+        engine.add_corpus("y", DOCS[:1], progress=False, config=engine.config.replace(system_prompt="In French."))
+
+
+def test_the_context_window_bounds_corpus_question_and_answer(make_tiny_engine):
+    """Nothing runs past the model's context window: a corpus must leave room for its build's probe questions, a
+    question must fit after the corpus, and an answer stops where the window ends (finish_reason "length")."""
+    probe = make_tiny_engine("llama")
+    n = len(probe.prompt_ids(QUESTION, probe.add_corpus("x", DOCS, progress=False).name)) - len(
+        probe.layout.suffix_ids(QUESTION))  # the corpus's tokens
+    room = probe._build_room(probe.config)
+    assert room > probe.config.probe_tokens
+    with pytest.raises(ValueError, match="probe questions"):
+        make_tiny_engine("llama", max_position_embeddings=n + room - 1).add_corpus("x", DOCS, progress=False)
+    no_probes = SqueezeConfig(kv_budget=0.25, observation_window=16, calibration_probe=None, retrieval_share=0)
+    question = len(probe.layout.suffix_ids(QUESTION))
+    engine = make_tiny_engine("llama", no_probes, max_position_embeddings=n + question + 12)
+    corpus = engine.add_corpus("x", DOCS, progress=False)
+    left = engine.context_window - corpus.n_tokens - question
+    assert left == 12
+    for answer in (engine.answer(QUESTION, "x", max_new_tokens=500),
+                   engine.answer_batch([QUESTION], "x", max_new_tokens=500)[0]):
+        assert answer.completion_tokens == left and answer.finish_reason == "length"
+    streamed = engine.stream_answer(QUESTION, "x", max_new_tokens=500)
+    assert len("".join(streamed)) >= 0 and streamed.answer.completion_tokens <= left
+    long_question = " ".join(["river"] * 2 * left)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.answer(long_question, "x", max_new_tokens=4)
 
 
 def test_stream_pieces_join_to_the_answer_and_stop_sequences(make_tiny_engine):
@@ -512,3 +540,20 @@ def test_device_lock_lets_a_capture_run_alone():
     assert got == ["shared"]
     release.set()
     holder.join(5)
+
+
+def test_of_two_builds_under_one_name_only_the_first_to_finish_lands(make_tiny_engine, monkeypatch):
+    """The name is checked again when a build is done: a corpus another thread added under it meanwhile stays, and the
+    later build fails by name instead of silently replacing it."""
+    engine = make_tiny_engine("llama")
+    prefill = engine._prefill
+
+    def racing(*args, **kwargs):  # another thread's build of the same name lands while this one prefills
+        monkeypatch.setattr(engine, "_prefill", prefill)
+        engine.add_corpus("x", DOCS[:1], progress=False)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_prefill", racing)
+    with pytest.raises(ValueError, match="exists; pass replace=True"):
+        engine.add_corpus("x", DOCS, progress=False)
+    assert len(engine.get_corpus("x").documents) == 1

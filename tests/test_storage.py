@@ -99,10 +99,17 @@ def test_load_refuses_another_model_or_tokenizer(saved, make_tiny_engine, tmp_pa
     _, path = saved
     with pytest.raises(ValueError, match="another model"):
         make_tiny_engine("llama", CONFIG, seed=1).load_corpus(path)  # same architecture, other weights
+    other_values = make_tiny_engine("llama", CONFIG)  # the same keys: only the last layer's values differ
+    with torch.no_grad():
+        other_values.model.model.layers[-1].self_attn.v_proj.weight.mul_(-3.0)
+    with pytest.raises(ValueError, match="keys or values"):
+        other_values.load_corpus(path)
     with pytest.raises(ValueError, match="model"):
         make_tiny_engine("qwen2", CONFIG).load_corpus(path)
     with pytest.raises(ValueError, match="chat template"):
         make_tiny_engine("llama", CONFIG.replace(system_prompt="Answer in French.")).load_corpus(path)
+    with pytest.raises(ValueError, match="context window"):  # the same model, with a window too short for the corpus
+        make_tiny_engine("llama", CONFIG, max_position_embeddings=64).load_corpus(path)
     bf16 = make_tiny_engine("llama", CONFIG)
     bf16.model.to(torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
