@@ -1,6 +1,7 @@
 """Decoding helpers: sampling, stop sequences, incremental detokenisation, and what a call returns."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -59,9 +60,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.temperature, numbers.Real) or not self.temperature >= 0:  # NaN and None included
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         # a list, None or a lone string as given -> the tuple of sequences (a frozen dataclass: set through object)
         object.__setattr__(self, "stop", check_stop_sequences(self.stop))

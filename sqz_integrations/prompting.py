@@ -66,6 +66,8 @@ def normalise_messages(prompt: Prompt) -> list[dict[str, str]]:
         if not prompt.strip():
             raise ValueError("the question is empty")
         return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+        raise TypeError(f"a prompt is a question string or a list of chat messages, got {type(prompt).__name__}")
     messages = []
     for i, m in enumerate(prompt):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:

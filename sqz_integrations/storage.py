@@ -11,16 +11,19 @@ A saved corpus is a folder:
 - ``calibration.safetensors``: the calibration's two score distributions (sorted per-key scores, weights, head
   ids, level-1 parent scores), the probe's per-document baseline and the head probe's misses.
 
-A save is written into a temporary folder beside the target and renamed into place, so an interrupted save
-never leaves a half-written corpus where a complete one was. This module reads and writes; what a loading
+A save is written into a temporary folder beside the target and swapped into place (one atomic exchange on Linux,
+else two renames), so an interrupted save never leaves a half-written corpus where a complete one was. This module reads and writes; what a loading
 engine must check (its model and tokenizer) is the engine's job.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,7 +67,9 @@ def save(corpus: SqueezedCorpus, path: str | os.PathLike, model: dict, overwrite
             save_file({k: v.detach().contiguous().cpu() for k, v in layer.tensors().items()}, str(tmp / layer_file(i)))
         save_file(_calibration_tensors(corpus), str(tmp / CALIBRATION_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        if target.exists():  # the old save goes only after the new one is whole
+        if target.exists() and _exchange(tmp, target):  # one atomic swap: the old save is in tmp now
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif target.exists():  # two renames (no atomic swap here): the old save goes only after the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
             try:
@@ -82,12 +87,38 @@ def save(corpus: SqueezedCorpus, path: str | os.PathLike, model: dict, overwrite
     return target
 
 
+_RENAME_EXCHANGE = 2  # renameat2's flag (linux/fs.h)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so that no moment leaves ``b``
+    missing. False where the system or the filesystem has no such call (the caller then renames twice)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, musl)
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # an old kernel, or a filesystem that cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``corpus.json`` of a saved corpus, checked for its format and version."""
     folder = Path(path).expanduser()
     file = folder / META_FILE
     if not file.is_file():
         what = "does not exist" if not folder.exists() else f"has no {META_FILE}: not a saved corpus"
+        # a save that renames twice (no atomic swap) and was killed between them: the previous save is still whole
+        pattern = f".{folder.name}.old-*/{folder.name}/{META_FILE}"
+        left = sorted(str(p.parent) for p in folder.absolute().parent.glob(pattern))
+        if left and not folder.exists():
+            what += f"; an interrupted save_corpus left the previous save in {left[-1]} (move it back to load it)"
         raise FileNotFoundError(f"{folder} {what}")
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
@@ -146,10 +177,13 @@ def _meta(corpus: SqueezedCorpus, model: dict) -> dict:
     documents = []
     for i, doc in enumerate(corpus.documents):
         try:
-            json.dumps(doc.metadata)
+            again = json.loads(json.dumps(doc.metadata, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"document {i}'s metadata cannot be saved as JSON ({e}); give it str/number/list/dict "
                             "values") from e
+        if again != doc.metadata:  # JSON would turn tuples into lists and keys into strings: it would load changed
+            raise TypeError(f"document {i}'s metadata would not load back as it is from JSON ({doc.metadata!r} -> "
+                            f"{again!r}); give it str keys and str/number/bool/None/list/dict values")
         documents.append({"text": doc.text, "metadata": doc.metadata})
     with corpus.reads.lock:
         reads = {"kept": list(corpus.reads.kept), "reads": list(corpus.reads.reads)}

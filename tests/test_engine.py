@@ -142,6 +142,12 @@ def test_bad_input_is_refused_clearly(make_tiny_engine):
         engine.generate(QUESTION, corpus="x", hierarchical=True)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate(QUESTION, corpus="x", max_new_tokens=0)
+    for temperature in (None, float("nan"), -1):
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            engine.generate(QUESTION, corpus="x", temperature=temperature)
+    for prompt in (None, 5, {"role": "user", "content": "x"}):
+        with pytest.raises(TypeError, match="question string or a list of chat messages"):
+            engine.generate(prompt, corpus="x")
     with pytest.raises(ValueError, match="role"):
         engine.generate([{"role": "robot", "content": "x"}], corpus="x")
     with pytest.raises(ValueError, match="question is empty"):  # a chat asks its last user message

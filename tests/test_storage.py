@@ -84,6 +84,38 @@ def test_save_refuses_metadata_that_json_cannot_hold(make_tiny_engine, tmp_path)
     with pytest.raises(TypeError, match="document 0's metadata"):
         engine.save_corpus("docs", tmp_path / "docs")
     assert list(tmp_path.iterdir()) == []
+    # values JSON holds but changes (a tuple comes back a list, a key 7 the string '7') are refused too
+    for changed in ({"pages": (3, 4)}, {7: "seven"}, {"score": float("nan")}):
+        engine.add_corpus("docs", [CorpusDocument("some text " * 20, changed)], progress=False, replace=True)
+        with pytest.raises(TypeError, match="document 0's metadata"):
+            engine.save_corpus("docs", tmp_path / "docs")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_killed_between_its_renames_points_to_the_previous_one(saved, make_tiny_engine, tmp_path):
+    """Where a save must rename twice (no atomic swap on that system or filesystem) and is killed between the two
+    renames, its folder is missing but the previous save is whole beside it: loading says where it is."""
+    engine, path = saved
+    left = tmp_path / f".{path.name}.old-x1"
+    left.mkdir()
+    path.rename(left / path.name)  # the state after the first rename
+    with pytest.raises(FileNotFoundError, match=f"previous save in {left / path.name}"):
+        engine.load_corpus(path, name="again")
+    (left / path.name).rename(path)
+    assert engine.load_corpus(path, name="again").n_tokens == engine.get_corpus("docs").n_tokens
+
+
+def test_overwriting_a_save_swaps_it_in_one_step(saved, monkeypatch):
+    """Overwriting swaps the new save with the old one in one step where the system can (no moment without a save at
+    the path), else renames twice; either way the new save is in place and nothing is left beside it."""
+    engine, path = saved
+    for can_swap in (True, False):
+        if not can_swap:
+            monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+        engine.add_corpus("docs", DOCS[: 2 if can_swap else 1], progress=False, replace=True)
+        engine.save_corpus("docs", path, overwrite=True)
+        assert len(storage.read_meta(path)["documents"]) == (2 if can_swap else 1)
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_load_names_and_replaces_only_when_asked(saved, make_tiny_engine):
