@@ -183,8 +183,8 @@ class SqueezedEngine(BatchDecodingMixin):
             return self._corpora[name]
 
     def remove_corpus(self, name: str) -> None:
-        self.get_corpus(name)
-        with self._lock:
+        with self._lock:  # the check and the removal together: of two threads removing one name, one gets the KeyError
+            self.get_corpus(name)
             del self._corpora[name]
         self._graph_pool.drop(name)
 

@@ -41,6 +41,7 @@ VERSION = 1
 META_FILE = "corpus.json"
 CALIBRATION_FILE = "calibration.safetensors"
 _DISTRIBUTIONS = ("decode", "prefill")
+_MODEL_KEYS = ("model_type", "num_hidden_layers", "kv_heads", "head_dim", "kv_dtype", "model_name")
 _META_KEYS = ("model", "name", "documents", "token_ids", "doc_spans", "header_text", "config", "build_seconds", "reads",
               "layers", "calibration")
 
@@ -132,7 +133,28 @@ def read_meta(path: str | os.PathLike) -> dict:
     missing = [key for key in _META_KEYS if key not in meta]
     if missing:
         raise ValueError(f"{file} lacks {', '.join(missing)}: the save is damaged")
+    problem = _structure_problem(meta)
+    if problem:
+        raise ValueError(f"{file}: {problem}: the save is damaged")
     return meta
+
+
+def _structure_problem(meta: dict) -> str | None:
+    """What in a corpus.json's nested parts is not as a save writes it (None: nothing): the loaders index into them."""
+    model, reads = meta["model"], meta["reads"]
+    if not isinstance(model, dict) or any(k not in model for k in _MODEL_KEYS):
+        return f"'model' needs {', '.join(_MODEL_KEYS)}"
+    if not isinstance(meta["documents"], list) or not all(
+            isinstance(d, dict) and isinstance(d.get("text"), str) and isinstance(d.get("metadata"), dict)
+            for d in meta["documents"]):
+        return "every entry of 'documents' needs a 'text' string and a 'metadata' object"
+    if not isinstance(reads, dict) or "kept" not in reads or "reads" not in reads:
+        return "'reads' needs 'kept' and 'reads'"
+    if not isinstance(meta["layers"], list) or len(meta["layers"]) != model["num_hidden_layers"]:
+        return f"'layers' has {len(meta['layers'])} entries for a {model['num_hidden_layers']}-layer model"
+    if not isinstance(meta["calibration"], dict):
+        return "'calibration' is not an object"
+    return None
 
 
 def documents(meta: dict) -> list[CorpusDocument]:
@@ -162,7 +184,7 @@ def load(path: str | os.PathLike, meta: dict, device: torch.device, name: str) -
         doc_spans=[tuple(s) for s in meta["doc_spans"]],
         header_text=meta["header_text"],
         layers=layers,
-        calibration=_calibration(meta["calibration"], extra, layers),
+        calibration=_calibration(meta["calibration"], extra, layers, folder),
         config=config,
         build_seconds=meta["build_seconds"],
     )
@@ -222,7 +244,7 @@ def _calibration_tensors(corpus: SqueezedCorpus) -> dict[str, torch.Tensor]:
     return out
 
 
-def _calibration(scalars: dict, tensors: dict[str, torch.Tensor], layers: list[CorpusLayer]) -> Calibration:
+def _calibration(scalars: dict, tensors: dict[str, torch.Tensor], layers: list[CorpusLayer], folder: Path) -> Calibration:
     dists = {}
     for kind in _DISTRIBUTIONS:
         if f"{kind}.scores" not in tensors:
@@ -230,7 +252,10 @@ def _calibration(scalars: dict, tensors: dict[str, torch.Tensor], layers: list[C
         dists[kind] = ScoreDistribution.from_sorted(
             tensors[f"{kind}.scores"], tensors[f"{kind}.weights"], tensors[f"{kind}.heads"], tensors.get(f"{kind}.parent")
         )
-    return Calibration.from_state(scalars, dists, layers)
+    try:
+        return Calibration.from_state(scalars, dists, layers)
+    except KeyError as e:
+        raise ValueError(f"{folder}: the saved calibration lacks {e}: the save is damaged") from e
 
 
 def _read(file: Path, device: torch.device) -> dict[str, torch.Tensor]:

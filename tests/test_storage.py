@@ -163,6 +163,16 @@ def test_load_reports_a_damaged_or_foreign_save(saved, make_tiny_engine, tmp_pat
     (path / storage.META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "calibration"}))
     with pytest.raises(ValueError, match="lacks calibration"):
         engine.load_corpus(path)
+    # nested parts a damaged save lacks: named, not a bare KeyError (or an IndexError at the first answer)
+    model = {k: v for k, v in meta["model"].items() if k != "model_type"}
+    documents = [{"text": d["text"]} for d in meta["documents"]]
+    calibration = dict(list(meta["calibration"].items())[1:])
+    for damaged, says in (({"model": model}, "'model' needs"), ({"documents": documents}, "'documents' needs"),
+                          ({"reads": {"kept": []}}, "'reads' needs"), ({"layers": meta["layers"][:-1]}, "'layers' has"),
+                          ({"calibration": calibration}, "calibration lacks")):
+        (path / storage.META_FILE).write_text(json.dumps({**meta, **damaged}))
+        with pytest.raises(ValueError, match=says):
+            engine.load_corpus(path)
     (path / storage.META_FILE).write_text(json.dumps(meta))
     layer = path / storage.layer_file(1)
     data = layer.read_bytes()
