@@ -629,6 +629,7 @@ class SqueezedEngine(BatchDecodingMixin):
         suffix = self.layout.suffix_ids(prompt)
         params = self._fitted(built, len(suffix), params)
         read_options = (kv_budget, hierarchical, selection, question_budget)
+        ReadPlan.options(built, *read_options)  # as the corpus and the prompt: bad options fail the call itself
         if self.max_coalesced > 1:  # keyed by the corpus object too, as in answer()
             return AnswerStream(self._coalesced_events((corpus, built, params, read_options), suffix))
         return AnswerStream(self._events(suffix, corpus, params, *read_options))

@@ -107,16 +107,10 @@ class ReadPlan:
         be built only to be ignored by its attention, so the CPU path keeps the separate calls."""
         return self.backend is not reference
 
-    @classmethod
-    def make(
-        cls,
-        corpus: SqueezedCorpus,
-        backend: ModuleType,
-        kv_budget: float | None = None,
-        hierarchical: bool | None = None,
-        selection: str | None = None,
-        question_budget: float | None = None,
-    ) -> "ReadPlan":
+    @staticmethod
+    def options(corpus: SqueezedCorpus, kv_budget=None, hierarchical=None, selection=None, question_budget=None):
+        """A call's read options, checked, the corpus's configuration filling in those left None: -> (kv_budget,
+        question_budget, hierarchical, selection). Cheap (no threshold): a lazy stream checks them at its call."""
         cfg = corpus.config
         kv_budget = cfg.kv_budget if kv_budget is None else check_budget(kv_budget)
         if question_budget is None:
@@ -131,6 +125,21 @@ class ReadPlan:
                 f"corpus {corpus.name!r} was built without level-1 centroids; rebuild it with "
                 "SqueezeConfig(hierarchical=True) to use the hierarchical lookup"
             )
+        return kv_budget, question_budget, hierarchical, selection
+
+    @classmethod
+    def make(
+        cls,
+        corpus: SqueezedCorpus,
+        backend: ModuleType,
+        kv_budget: float | None = None,
+        hierarchical: bool | None = None,
+        selection: str | None = None,
+        question_budget: float | None = None,
+    ) -> "ReadPlan":
+        kv_budget, question_budget, hierarchical, selection = cls.options(
+            corpus, kv_budget, hierarchical, selection, question_budget)
+        cfg = corpus.config
         cal = corpus.calibration
         budgets = (kv_budget, question_budget)
         dense = tuple(corpus.retrieval_heads(b, cfg.retrieval_share) for b in budgets)

@@ -140,6 +140,9 @@ def test_bad_input_is_refused_clearly(make_tiny_engine):
         engine.generate(QUESTION, corpus="x", kv_budget=1.5)
     with pytest.raises(ValueError, match="without level-1 centroids"):
         engine.generate(QUESTION, corpus="x", hierarchical=True)
+    for options in ({"kv_budget": 1.5}, {"hierarchical": True}, {"selection": "best"}):  # at the call, not when read
+        with pytest.raises(ValueError, match="kv_budget must be in|level-1|selection must be"):
+            engine.stream_answer(QUESTION, corpus="x", **options)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate(QUESTION, corpus="x", max_new_tokens=0)
     for temperature in (None, float("nan"), -1):
