@@ -222,8 +222,9 @@ class SqueezedEngine(BatchDecodingMixin):
         self._check_name(name, replace)
         cfg = config or self.config
         if cfg.system_prompt != self.layout.system_prompt:
-            raise ValueError("a corpus's config cannot change system_prompt: every prompt is rendered with the engine's "
-                             f"({self.layout.system_prompt!r}); make an engine whose config has that system prompt")
+            raise ValueError("a corpus's config cannot change system_prompt: every prompt is rendered with the "
+                             f"engine's ({self.layout.system_prompt!r}); make an engine whose config has that system "
+                             "prompt")
         docs = as_documents(documents)
         start = time.perf_counter()
         header_ids, ids, token_doc, spans = self._corpus_tokens(docs)
@@ -358,10 +359,13 @@ class SqueezedEngine(BatchDecodingMixin):
         out = []
         for l, layer in enumerate(corpus.layers):
             fresh = capture.keys[l]
-            if fresh.dtype != layer.keys.dtype or fresh.shape[::2] != layer.keys.shape[::2]:
-                raise ValueError(f"corpus {corpus.name!r} stores keys {tuple(layer.keys.shape)} {layer.keys.dtype}; "
-                                 f"this model computes {tuple(fresh.shape)} {fresh.dtype} (load the model in the "
-                                 "dtype the corpus was built with)")
+            if fresh.shape[::2] != layer.keys.shape[::2]:
+                raise ValueError(f"corpus {corpus.name!r} stores keys of {layer.keys.shape[0]} KV heads of size "
+                                 f"{layer.keys.shape[2]}; this model computes {fresh.shape[0]} of size "
+                                 f"{fresh.shape[2]}: it was built by another model")
+            if fresh.dtype != layer.keys.dtype:
+                raise ValueError(f"corpus {corpus.name!r} stores {layer.keys.dtype} keys; this model computes "
+                                 f"{fresh.dtype} (load the model in the dtype the corpus was built with)")
             stored_at = torch.argsort(layer.key_pos.long(), dim=1)[:, :m]  # where positions 0..m-1 are stored
             at = stored_at.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
             out.append(max(_relative_rms(layer.keys.gather(1, at), fresh),
@@ -372,9 +376,9 @@ class SqueezedEngine(BatchDecodingMixin):
         diffs = self.saved_key_differences(corpus)
         worst = max(range(len(diffs)), key=lambda l: diffs[l])
         if not diffs[worst] <= _KEY_CHECK_TOLERANCE:
-            raise ValueError(f"{path} was built by another model (or other weights): layer {worst}'s keys or values of "
-                             f"the first tokens differ from this model's by {diffs[worst]:.3f} (relative RMS; the tolerance is "
-                             f"{_KEY_CHECK_TOLERANCE})")
+            raise ValueError(f"{path} was built by another model (or other weights): layer {worst}'s keys or values "
+                             f"of the first tokens differ from this model's by {diffs[worst]:.3f} (relative RMS; the "
+                             f"tolerance is {_KEY_CHECK_TOLERANCE})")
 
     @torch.inference_mode()
     def _prefill(self, ids: list[int], capture: attention.CorpusCapture, chunk: int, progress: bool, name: str) -> None:

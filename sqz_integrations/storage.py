@@ -12,8 +12,8 @@ A saved corpus is a folder:
   ids, level-1 parent scores), the probe's per-document baseline and the head probe's misses.
 
 A save is written into a temporary folder beside the target and swapped into place (one atomic exchange on Linux,
-else two renames), so an interrupted save never leaves a half-written corpus where a complete one was. This module reads and writes; what a loading
-engine must check (its model and tokenizer) is the engine's job.
+else two renames), so an interrupted save never leaves a half-written corpus where a complete one was. This module
+reads and writes; what a loading engine must check (its model and tokenizer) is the engine's job.
 """
 from __future__ import annotations
 
@@ -72,13 +72,14 @@ def save(corpus: SqueezedCorpus, path: str | os.PathLike, model: dict, overwrite
             shutil.rmtree(tmp, ignore_errors=True)
         elif target.exists():  # two renames (no atomic swap here): the old save goes only after the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
             try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / target.name, target)  # the previous save back in its place
-                raise
-            finally:
+                os.replace(target, old / target.name)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old / target.name, target)  # the previous save back in its place
+                    raise
+            finally:  # also when the first rename failed: its empty folder goes
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
@@ -244,7 +245,8 @@ def _calibration_tensors(corpus: SqueezedCorpus) -> dict[str, torch.Tensor]:
     return out
 
 
-def _calibration(scalars: dict, tensors: dict[str, torch.Tensor], layers: list[CorpusLayer], folder: Path) -> Calibration:
+def _calibration(scalars: dict, tensors: dict[str, torch.Tensor], layers: list[CorpusLayer],
+                 folder: Path) -> Calibration:
     dists = {}
     for kind in _DISTRIBUTIONS:
         if f"{kind}.scores" not in tensors:

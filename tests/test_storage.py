@@ -116,6 +116,17 @@ def test_overwriting_a_save_swaps_it_in_one_step(saved, monkeypatch):
         engine.save_corpus("docs", path, overwrite=True)
         assert len(storage.read_meta(path)["documents"]) == (2 if can_swap else 1)
         assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def refused(src, dst):
+        raise PermissionError(f"cannot move {src}")
+
+    monkeypatch.setattr(storage.os, "replace", refused)  # the first of the two renames fails
+    with pytest.raises(PermissionError):
+        engine.save_corpus("docs", path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary folder left beside it
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
 def test_load_names_and_replaces_only_when_asked(saved, make_tiny_engine):
@@ -144,6 +155,8 @@ def test_load_refuses_another_model_or_tokenizer(saved, make_tiny_engine, tmp_pa
         make_tiny_engine("llama", CONFIG, max_position_embeddings=64).load_corpus(path)
     bf16 = make_tiny_engine("llama", CONFIG)
     bf16.model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="4 of size 16: it was built by another model"):  # not a dtype matter
+        make_tiny_engine("llama", CONFIG, num_key_value_heads=4).load_corpus(path)
     with pytest.raises(ValueError, match="dtype"):
         bf16.load_corpus(path)
 
