@@ -141,6 +141,43 @@ def _response_kwargs(answer: Any) -> dict[str, Any]:
     }
 
 
+def _pieces(stream: Any) -> Iterator[tuple[str, Any]]:
+    """An engine AnswerStream as (piece, None) while decoding, then ("", answer) once."""
+    try:
+        for piece in stream:
+            yield piece, None
+    finally:
+        stream.close()  # a consumer that stops early ends the decoding loop
+    yield "", stream.answer
+
+
+def _completion_responses(pieces: Iterator[tuple[str, Any]]) -> CompletionResponseGen:
+    text = ""
+    for piece, answer in pieces:
+        text += piece
+        if answer is None:
+            yield CompletionResponse(text=text, delta=piece)
+        else:
+            yield CompletionResponse(
+                text=answer.text, delta="", raw=_raw(answer), additional_kwargs=_response_kwargs(answer)
+            )
+
+
+def _chat_responses(pieces: Iterator[tuple[str, Any]]) -> ChatResponseGen:
+    text = ""
+    for piece, answer in pieces:
+        text += piece
+        if answer is None:
+            yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+        else:
+            yield ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT, content=answer.text),
+                delta="",
+                raw=_raw(answer),
+                additional_kwargs=_response_kwargs(answer),
+            )
+
+
 def source_nodes(answer: Any) -> list[NodeWithScore]:
     """The answer's sources as LlamaIndex nodes, best first, scored by attention mass."""
     nodes = []
@@ -245,39 +282,15 @@ class SqueezedLLM(CustomLLM):
         return self.engine.answer(prompt, self.corpus, **self._engine_kwargs(kwargs))
 
     def _stream_answer(self, prompt: str | list[dict[str, str]], kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        """Yields (piece, None) while decoding, then ("", answer) once."""
-        stream = self.engine.stream_answer(prompt, self.corpus, **self._engine_kwargs(kwargs))
-        try:
-            for piece in stream:
-                yield piece, None
-        finally:
-            stream.close()  # a consumer that stops early ends the decoding loop
-        yield "", stream.answer
+        """(piece, None) while decoding, then ("", answer) once. The engine checks the prompt and the arguments
+        here, at the call, so that a streaming method refuses bad input when called, not at its first item."""
+        return _pieces(self.engine.stream_answer(prompt, self.corpus, **self._engine_kwargs(kwargs)))
 
     def _complete_stream(self, prompt: Any, kwargs: dict[str, Any]) -> CompletionResponseGen:
-        text = ""
-        for piece, answer in self._stream_answer(prompt, kwargs):
-            text += piece
-            if answer is None:
-                yield CompletionResponse(text=text, delta=piece)
-            else:
-                yield CompletionResponse(
-                    text=answer.text, delta="", raw=_raw(answer), additional_kwargs=_response_kwargs(answer)
-                )
+        return _completion_responses(self._stream_answer(prompt, kwargs))
 
     def _chat_stream(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        text = ""
-        for piece, answer in self._stream_answer(to_engine_messages(messages), kwargs):
-            text += piece
-            if answer is None:
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
-            else:
-                yield ChatResponse(
-                    message=ChatMessage(role=MessageRole.ASSISTANT, content=answer.text),
-                    delta="",
-                    raw=_raw(answer),
-                    additional_kwargs=_response_kwargs(answer),
-                )
+        return _chat_responses(self._stream_answer(to_engine_messages(messages), kwargs))
 
     # -- completion ------------------------------------------------------------------------
 
@@ -300,8 +313,8 @@ class SqueezedLLM(CustomLLM):
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        full = self._completion_prompt(prompt, formatted)
-        return iterate_in_thread(lambda: self._complete_stream(full, kwargs))
+        responses = self._complete_stream(self._completion_prompt(prompt, formatted), kwargs)  # checked here
+        return iterate_in_thread(lambda: responses)
 
     # -- chat ------------------------------------------------------------------------------
 
@@ -316,8 +329,7 @@ class SqueezedLLM(CustomLLM):
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        to_engine_messages(messages)  # refuse bad input now, not at the first next()
-        return self._chat_stream(messages, kwargs)
+        return self._chat_stream(messages, kwargs)  # bad input is refused here, not at the first next()
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -331,8 +343,8 @@ class SqueezedLLM(CustomLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        to_engine_messages(messages)
-        return iterate_in_thread(lambda: self._chat_stream(messages, kwargs))
+        responses = self._chat_stream(messages, kwargs)  # bad input is refused here, not at the first item
+        return iterate_in_thread(lambda: responses)
 
 
 # -- index, query engine, chat engine ------------------------------------------------------

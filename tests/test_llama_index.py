@@ -155,6 +155,20 @@ def test_stop_sequence_and_bad_input(llm, smol_engine, reference):
             llm.chat([user(blank)])
         with pytest.raises(ValueError, match="question is empty"):
             llm.complete(blank)
+        with pytest.raises(ValueError, match="question is empty"):  # at the call, not at the first item
+            llm.stream_complete(blank)
+        with pytest.raises(ValueError, match="question is empty"):
+            llm.stream_chat([user(blank)])
+    with pytest.raises(TypeError, match="unsupported"):
+        llm.stream_complete(QUESTION, max_tokenz=3)
+
+    async def async_forms():
+        with pytest.raises(ValueError, match="question is empty"):
+            await llm.astream_chat([user("")])
+        with pytest.raises(TypeError, match="unsupported"):
+            await llm.astream_complete(QUESTION, max_tokenz=3)
+
+    asyncio.run(async_forms())
 
 
 def test_llm_settings_are_checked_by_name(llm, smol_engine):
