@@ -101,7 +101,7 @@ def to_engine_messages(messages: Iterable[BaseMessage]) -> list[dict[str, str]]:
         elif isinstance(message, HumanMessage):
             role = "user"
         elif isinstance(message, AIMessage):
-            if message.tool_calls:
+            if message.tool_calls or message.invalid_tool_calls:
                 raise ValueError("ChatSqueezed does not support tool calls (AIMessage.tool_calls).")
             role = "assistant"
         elif isinstance(message, ChatMessage) and message.role.lower() in _ROLES:

@@ -108,6 +108,8 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
                 f"SqueezedLLM cannot take a {message.role.value!r} message: only system, "
                 "user and assistant messages are supported (no tool calling)."
             )
+        if message.additional_kwargs.get("tool_calls"):  # an agent's turn: dropping its calls would misstate the chat
+            raise ValueError("SqueezedLLM does not support tool calls (an assistant message with tool_calls).")
         out.append({"role": role, "content": _message_text(message)})
     if not out:
         raise ValueError("SqueezedLLM needs at least one message.")

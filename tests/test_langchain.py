@@ -136,6 +136,9 @@ def test_tool_calling_is_declared_unsupported(llm):
         llm.bind_tools([])
     with pytest.raises(ValueError, match="tool"):
         llm.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")])
+    broken_call = AIMessage("", invalid_tool_calls=[{"name": "f", "args": "{", "id": "1", "error": "bad JSON"}])
+    with pytest.raises(ValueError, match="tool calls"):  # an agent's turn, even with calls that failed to parse
+        llm.invoke([HumanMessage("hi"), broken_call, HumanMessage("and?")])
 
 
 # -- invoke / stream / batch / async -----------------------------------------------------------

@@ -139,6 +139,9 @@ def test_stop_sequence_and_bad_input(llm, smol_engine, reference):
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, stop=[stop])) == expected
     with pytest.raises(ValueError, match="tool"):
         llm.chat([user("hi"), ChatMessage(role=MessageRole.TOOL, content="42")])
+    calling = ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={"tool_calls": [{"id": "1"}]})
+    with pytest.raises(ValueError, match="tool calls"):
+        llm.chat([user("hi"), calling, user("and?")])
     with pytest.raises(TypeError, match="unsupported"):
         llm.complete(QUESTION, max_tokenz=3)
     with pytest.raises(KeyError, match="no corpus named 'missing'"):
