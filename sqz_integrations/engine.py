@@ -758,6 +758,9 @@ class SqueezedEngine(BatchDecodingMixin):
         ids = self.layout.encode(text) if isinstance(text, str) else list(text)
         if len(ids) < 2:
             raise ValueError("the continuation needs at least two tokens")
+        if self.context_window and c.n_tokens + len(ids) - 1 > self.context_window:
+            raise ValueError(f"the continuation is {len(ids)} tokens; after corpus {corpus!r}'s {c.n_tokens} it runs "
+                             f"past the model's context window of {self.context_window}")
         with self._device_lock.shared():
             read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection, question_budget), track_sources=False)
             cache = DynamicCache()

@@ -188,6 +188,10 @@ def test_the_context_window_bounds_corpus_question_and_answer(make_tiny_engine):
     long_question = " ".join(["river"] * 2 * left)
     with pytest.raises(ValueError, match="leaves no room"):
         engine.answer(long_question, "x", max_new_tokens=4)
+    fits = engine.context_window - corpus.n_tokens + 1  # its last token is predicted at the window's last position
+    assert engine.score_continuation("x", list(range(100, 100 + fits))).shape[0] == fits - 1
+    with pytest.raises(ValueError, match="runs past the model's context window"):
+        engine.score_continuation("x", list(range(100, 100 + fits + 1)))
 
 
 def test_stream_pieces_join_to_the_answer_and_stop_sequences(make_tiny_engine):
