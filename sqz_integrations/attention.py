@@ -33,6 +33,9 @@ class CorpusCapture:
         self.scale: float | None = None
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+        if value.shape[-1] != key.shape[-1]:  # a corpus layer stores both in one (KVH, N, D) layout
+            raise NotImplementedError(f"layer {layer_idx} has value heads of size {value.shape[-1]} and key heads of "
+                                      f"size {key.shape[-1]}: the engine needs them the same size")
         t = query.shape[2]
         lo = max(self.window_start - self.position, 0)
         if lo < t:

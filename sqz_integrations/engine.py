@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from sqz_kernels import get_backend
 
-from . import attention, decode_graph, head_probe, storage
+from . import attention, decode_graph, head_probe, model_support, storage
 from .async_stream import consumer_left
 from .batch import BatchRead
 from .batch_decode import BatchDecodingMixin, Joins, Question
@@ -86,6 +86,9 @@ class SqueezedEngine(BatchDecodingMixin):
     """
 
     def __init__(self, model, tokenizer, config: SqueezeConfig | None = None, *, max_coalesced: int | None = None):
+        reason = model_support.unsupported(model)
+        if reason:  # before the model is touched (its attention implementation is switched below)
+            raise ValueError(f"SqueezedEngine cannot serve this {model.config.model_type} model: {reason}")
         self.config = config or SqueezeConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -152,7 +155,9 @@ class SqueezedEngine(BatchDecodingMixin):
 
     @property
     def context_window(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        """Tokens that corpus, question and answer may take together: the model's positions, or its shortest
+        attention window (sliding window, attention chunk) where some layers have one (0: unbounded)."""
+        return int(model_support.context_limit(self.model.config)[0])
 
     def _end_of_turn_ids(self) -> set[int]:
         ids = set()
@@ -278,7 +283,11 @@ class SqueezedEngine(BatchDecodingMixin):
         window = self.context_window
         if window and n_tokens + max(room, 1) > window:
             also = f" and its build's probe questions {room} more" if room else ""
-            raise ValueError(f"corpus {name!r} is {n_tokens} tokens{also}; the model's context window is {window}")
+            raise ValueError(f"corpus {name!r} is {n_tokens} tokens{also}; the model's {self._window_kind()} is "
+                             f"{window}")
+
+    def _window_kind(self) -> str:
+        return model_support.context_limit(self.model.config)[1]
 
     def _fitted(self, corpus: SqueezedCorpus, question_tokens: int, params: SamplingParams) -> SamplingParams:
         """``params`` with ``max_new_tokens`` cut to the room the context window leaves after the corpus and the
@@ -290,7 +299,7 @@ class SqueezedEngine(BatchDecodingMixin):
         room = window - corpus.n_tokens - question_tokens
         if room < 1:
             raise ValueError(f"the question is {question_tokens} tokens; after corpus {corpus.name!r}'s "
-                             f"{corpus.n_tokens} it leaves no room in the model's context window of {window}")
+                             f"{corpus.n_tokens} it leaves no room in the model's {self._window_kind()} of {window}")
         return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
 
     def _corpus_tokens(self, docs: list[CorpusDocument]):

@@ -1,0 +1,69 @@
+"""Models the engine cannot serve exactly are refused by name before it touches them, and attention windows that a
+model applies only through its mask bound the context (tiny random configs of the families concerned)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers
+
+from sqz_integrations import SqueezeConfig, SqueezedEngine
+
+COMMON = dict(pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=8192, initializer_range=0.2, tie_word_embeddings=False)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+REFUSED = {
+    "gemma2 (soft-capping)": ("Gemma2Config", dict(head_dim=16), "soft-caps its attention logits"),
+    "gpt-oss (attention sinks)": ("GptOssConfig", dict(head_dim=16, sliding_window=4096, **MOE,
+                                                       layer_types=["sliding_attention", "full_attention"]), "sinks"),
+    "qwen3-next (linear attention)": ("Qwen3NextConfig", dict(head_dim=16), "not attention (linear_attention)"),
+    "lfm2 (convolutions)": ("Lfm2Config", dict(layer_types=["conv", "full_attention"]), "not attention (conv)"),
+    "deepseek-v3 (value heads of another size)": (
+        "DeepseekV3Config", dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                 qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
+        "value heads"),
+    "diffllama (attention twice per layer)": ("DiffLlamaConfig", {}, "call attention twice"),
+}
+
+WINDOWED = {  # windows the attention call never sees: they bound the context instead
+    "mistral sliding window": ("MistralConfig", dict(sliding_window=256), "sliding window", 256),
+    "phimoe sliding window": ("PhimoeConfig", dict(sliding_window=256, **MOE), "sliding window", 256),
+    "llama4 attention chunk": ("Llama4TextConfig", dict(head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                                        num_experts_per_tok=1, attention_chunk_size=256,
+                                                        no_rope_layers=[1, 1]), "attention chunk", 256),
+}
+
+
+def tiny(config_name: str, overrides: dict, vocab_size: int):
+    config_cls = getattr(transformers, config_name, None)
+    if config_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, "vocab_size": vocab_size,
+                                                                       **overrides})).eval()
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_model_the_engine_cannot_serve_is_refused_untouched(case, smol_tokenizer):
+    config_name, overrides, reason = REFUSED[case]
+    model = tiny(config_name, overrides, len(smol_tokenizer))
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=f"cannot serve this .*{re.escape(reason)}"):
+        SqueezedEngine(model, smol_tokenizer)
+    assert model.config._attn_implementation == before  # the user's model is left as it was
+
+
+@pytest.mark.parametrize("case", list(WINDOWED))
+def test_a_window_in_the_mask_bounds_the_context(case, smol_tokenizer):
+    config_name, overrides, kind, window = WINDOWED[case]
+    engine = SqueezedEngine(tiny(config_name, overrides, len(smol_tokenizer)), smol_tokenizer,
+                            SqueezeConfig(kv_budget=0.25, observation_window=16))
+    assert engine.context_window == window
+    with pytest.raises(ValueError, match=f"the model's {kind} is {window}"):
+        engine.add_corpus("long", ["river stone lamp " * 200], progress=False)
+    corpus = engine.add_corpus("short", ["river stone lamp " * 10], progress=False)
+    answer = engine.answer("Which word comes after river?", "short", max_new_tokens=500)
+    assert corpus.n_tokens + answer.prompt_tokens + answer.completion_tokens <= window
