@@ -23,8 +23,11 @@ def unsupported(model) -> str | None:
     if other or getattr(model, "_is_stateful", False):
         return (f"it has layers that are not attention ({', '.join(other) or 'recurrent state'}): their state is not "
                 "in the KV cache the engine squeezes")
-    if getattr(cfg, "num_kv_shared_layers", 0):
-        return "its layers share KV caches (num_kv_shared_layers)"
+    # Layers that reuse an earlier layer's KV are served (Gemma 3n: exact), unless the model also runs them on the last
+    # position only in a prefill (Gemma 4 slices its inputs there): the corpus capture needs their window queries.
+    shared = getattr(cfg, "num_kv_shared_layers", 0)
+    if shared and any(hasattr(m, "first_kv_shared_layer_idx") for m in model.modules()):
+        return "its KV-sharing layers read only the last position of a prefill (num_kv_shared_layers)"
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         return "it soft-caps its attention logits (attn_logit_softcapping), which squeezed attention does not do"
     qk = (getattr(cfg, "qk_nope_head_dim", None) or 0) + (getattr(cfg, "qk_rope_head_dim", None) or 0)

@@ -2,6 +2,7 @@
 model applies only through its mask bound the context (tiny random configs of the families concerned)."""
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -13,6 +14,8 @@ from sqz_integrations import SqueezeConfig, SqueezedEngine
 COMMON = dict(pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=8192, initializer_range=0.2, tie_word_embeddings=False)
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+GEMMA_N = dict(num_hidden_layers=4, head_dim=16, sliding_window=4096, hidden_size_per_layer_input=8,
+               num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2)
 
 REFUSED = {
     "gemma2 (soft-capping)": ("Gemma2Config", dict(head_dim=16), "soft-caps its attention logits"),
@@ -26,6 +29,12 @@ REFUSED = {
                                  moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
         "value heads"),
     "diffllama (attention twice per layer)": ("DiffLlamaConfig", {}, "call attention twice"),
+    "gemma4 (KV-sharing layers on the last prefill position)": ("Gemma4TextConfig", dict(GEMMA_N, global_head_dim=16),
+                                                                "KV-sharing layers"),
+}
+SERVED = {  # close to a refused one, served exactly: Gemma 3n's KV-sharing layers see every position
+    "gemma3n (KV-sharing layers)": ("Gemma3nTextConfig", dict(GEMMA_N, laurel_rank=8, altup_num_inputs=2,
+                                                              activation_sparsity_pattern=[0.0] * 4)),
 }
 
 WINDOWED = {  # windows the attention call never sees: they bound the context instead
@@ -42,7 +51,8 @@ def tiny(config_name: str, overrides: dict, vocab_size: int):
     if config_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, "vocab_size": vocab_size,
+    extra = {"vocab_size_per_layer_input": vocab_size} if "hidden_size_per_layer_input" in overrides else {}
+    return transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, "vocab_size": vocab_size, **extra,
                                                                        **overrides})).eval()
 
 
@@ -67,3 +77,16 @@ def test_a_window_in_the_mask_bounds_the_context(case, smol_tokenizer):
     corpus = engine.add_corpus("short", ["river stone lamp " * 10], progress=False)
     answer = engine.answer("Which word comes after river?", "short", max_new_tokens=500)
     assert corpus.n_tokens + answer.prompt_tokens + answer.completion_tokens <= window
+
+
+@pytest.mark.parametrize("case", list(SERVED))
+def test_a_model_close_to_a_refused_one_is_served_exactly(case, smol_tokenizer):
+    config_name, overrides = SERVED[case]
+    model = tiny(config_name, overrides, len(smol_tokenizer))
+    untouched = copy.deepcopy(model)  # the engine switches the model's attention to its own
+    engine = SqueezedEngine(model, smol_tokenizer, SqueezeConfig(kv_budget=0.25, observation_window=16))
+    engine.add_corpus("docs", ["river stone lamp garden " * 30], progress=False)
+    question = "Which word comes after river?"
+    ids = engine.prompt_ids(question, "docs")
+    expected = untouched.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert engine.answer(question, "docs", max_new_tokens=8, kv_budget=1.0).token_ids == expected
