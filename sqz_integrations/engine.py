@@ -280,26 +280,22 @@ class SqueezedEngine(BatchDecodingMixin):
 
     def _check_fits(self, name: str, n_tokens: int, room: int = 0) -> None:
         """A corpus of ``n_tokens`` must leave ``room`` tokens (and at least one) of the model's context window."""
-        window = self.context_window
+        window, kind = model_support.context_limit(self.model.config)
         if window and n_tokens + max(room, 1) > window:
             also = f" and its build's probe questions {room} more" if room else ""
-            raise ValueError(f"corpus {name!r} is {n_tokens} tokens{also}; the model's {self._window_kind()} is "
-                             f"{window}")
-
-    def _window_kind(self) -> str:
-        return model_support.context_limit(self.model.config)[1]
+            raise ValueError(f"corpus {name!r} is {n_tokens} tokens{also}; the model's {kind} is {window}")
 
     def _fitted(self, corpus: SqueezedCorpus, question_tokens: int, params: SamplingParams) -> SamplingParams:
         """``params`` with ``max_new_tokens`` cut to the room the context window leaves after the corpus and the
         question (an answer that reaches it ends with finish_reason "length"); a question that leaves none is
         refused (positions past the window fail in a model with learned ones, and degrade in the others)."""
-        window = self.context_window
+        window, kind = model_support.context_limit(self.model.config)
         if not window:
             return params
         room = window - corpus.n_tokens - question_tokens
         if room < 1:
             raise ValueError(f"the question is {question_tokens} tokens; after corpus {corpus.name!r}'s "
-                             f"{corpus.n_tokens} it leaves no room in the model's {self._window_kind()} of {window}")
+                             f"{corpus.n_tokens} it leaves no room in the model's {kind} of {window}")
         return params if params.max_new_tokens <= room else dataclasses.replace(params, max_new_tokens=room)
 
     def _corpus_tokens(self, docs: list[CorpusDocument]):
@@ -637,15 +633,20 @@ class SqueezedEngine(BatchDecodingMixin):
         batch of the calls made meanwhile with the same arguments, as :meth:`answer` does; its pieces come from the
         thread that runs that batch, and closing the stream early ends its row at the batch's next step.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
-        built = self.get_corpus(corpus)  # fail now, not at the first iteration
-        suffix = self.layout.suffix_ids(prompt)
-        params = self._fitted(built, len(suffix), params)
         read_options = (kv_budget, hierarchical, selection, question_budget)
-        ReadPlan.options(built, *read_options)  # as the corpus and the prompt: bad options fail the call itself
+        params = SamplingParams(max_new_tokens, temperature, top_p, stop, seed)
+        built, suffix, params = self._call(prompt, corpus, params, read_options)  # now, not at the first iteration
         if self.max_coalesced > 1:  # keyed by the corpus object too, as in answer()
             return AnswerStream(self._coalesced_events((corpus, built, params, read_options), suffix))
         return AnswerStream(self._events(suffix, corpus, params, *read_options))
+
+    def _call(self, prompt: Prompt, corpus: str, params: SamplingParams, read_options: tuple):
+        """What a single call checks before it runs: the corpus, the prompt and the read options, and the room the
+        context window leaves. -> (the corpus object, the question's ids, ``params`` fitted to that room)."""
+        built = self.get_corpus(corpus)
+        suffix = self.layout.suffix_ids(prompt)
+        ReadPlan.options(built, *read_options)
+        return built, suffix, self._fitted(built, len(suffix), params)
 
     def _coalesced_events(self, key: tuple, suffix: list[int], pieces: bool = True) -> Iterator:
         """The events of a call whose question goes through the coalescer: a worker thread submits it (and may
@@ -683,11 +684,10 @@ class SqueezedEngine(BatchDecodingMixin):
         together as one :meth:`answer_batch` (by default on CUDA only; see ``max_coalesced``); the times of each
         :class:`Answer` count from its own call.
         """
-        params = _sampling_params("answer", max_new_tokens, kwargs)
-        built = self.get_corpus(corpus)
-        suffix = self.layout.suffix_ids(prompt)  # a bad prompt fails its own call, not the batch it would join
-        params = self._fitted(built, len(suffix), params)
         read_options = tuple(kwargs.get(k) for k in _READ_OPTIONS)
+        # a bad prompt or option fails its own call, not the batch it would join
+        built, suffix, params = self._call(prompt, corpus, _sampling_params("answer", max_new_tokens, kwargs),
+                                           read_options)
         if self.max_coalesced == 1:  # in the caller's thread, concurrently with any other call, as before coalescing
             *_, answer = self._events(suffix, corpus, params, *read_options)  # its text pieces, then its Answer
             return answer
@@ -767,9 +767,10 @@ class SqueezedEngine(BatchDecodingMixin):
         ids = self.layout.encode(text) if isinstance(text, str) else list(text)
         if len(ids) < 2:
             raise ValueError("the continuation needs at least two tokens")
-        if self.context_window and c.n_tokens + len(ids) - 1 > self.context_window:
+        window, kind = model_support.context_limit(self.model.config)
+        if window and c.n_tokens + len(ids) - 1 > window:
             raise ValueError(f"the continuation is {len(ids)} tokens; after corpus {corpus!r}'s {c.n_tokens} it runs "
-                             f"past the model's context window of {self.context_window}")
+                             f"past the model's {kind} of {window}")
         with self._device_lock.shared():
             read = CorpusRead(c, self._plan(c, kv_budget, hierarchical, selection, question_budget), track_sources=False)
             cache = DynamicCache()

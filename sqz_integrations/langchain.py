@@ -330,8 +330,7 @@ class ChatSqueezed(BaseChatModel):
         for name, value in kwargs.items():
             if name in _CALL_KWARGS and value is not None:  # None: the model's own setting, as for `stop`
                 out[_CALL_KWARGS[name]] = value
-        stop = self.stop if stop is None else stop
-        out["stop"] = list(check_stop_sequences(stop)) or None
+        out["stop"] = self.stop if stop is None else stop  # the engine reads a lone string as one sequence
         return out
 
     def _generate(

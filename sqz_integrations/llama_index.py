@@ -269,7 +269,7 @@ class SqueezedLLM(CustomLLM):
             "kv_budget": given.get("kv_budget", self.kv_budget),
             "question_budget": given.get("question_budget", self.question_budget),
         }
-        out["stop"] = list(check_stop_sequences(given.get("stop", self.stop))) or None
+        out["stop"] = given.get("stop", self.stop)  # the engine reads a lone string as one sequence
         return out
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
