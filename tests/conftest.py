@@ -48,7 +48,8 @@ def smol_tokenizer(smol_dir):
 
 
 def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
-    """A randomly initialised 2-layer model of a family, GQA 4 query heads over 2 KV heads."""
+    """A randomly initialised 2-layer model of a family (a short name below, or a transformers config class name such
+    as ``"Gemma2Config"``), GQA 4 query heads over 2 KV heads."""
     import transformers
 
     common = dict(
@@ -56,12 +57,10 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         initializer_range=0.2, tie_word_embeddings=False,
     )
-    config_cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": getattr(transformers, "Qwen3Config", None),
-    }[family]
+    names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+    if family not in names and not family.endswith("Config"):
+        raise KeyError(f"no tiny family {family!r}: one of {sorted(names)} or a transformers config class name")
+    config_cls = getattr(transformers, names.get(family, family), None)  # None: not in this transformers
     if config_cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {family}")
     if family == "mistral":

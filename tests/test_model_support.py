@@ -7,12 +7,9 @@ import re
 
 import pytest
 import torch
-import transformers
+from conftest import tiny_model
 
 from sqz_integrations import SqueezeConfig, SqueezedEngine
-
-COMMON = dict(pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=8192, initializer_range=0.2, tie_word_embeddings=False)
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 GEMMA_N = dict(num_hidden_layers=4, head_dim=16, sliding_window=4096, hidden_size_per_layer_input=8,
                num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2)
@@ -47,13 +44,9 @@ WINDOWED = {  # windows the attention call never sees: they bound the context in
 
 
 def tiny(config_name: str, overrides: dict, vocab_size: int):
-    config_cls = getattr(transformers, config_name, None)
-    if config_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
-    torch.manual_seed(0)
+    """conftest's tiny model of a transformers config class (Gemma 3n / 4 also size their per-layer inputs)."""
     extra = {"vocab_size_per_layer_input": vocab_size} if "hidden_size_per_layer_input" in overrides else {}
-    return transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, "vocab_size": vocab_size, **extra,
-                                                                       **overrides})).eval()
+    return tiny_model(config_name, vocab_size, pad_token_id=0, **extra, **overrides)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
