@@ -90,23 +90,19 @@ class _Rows:
         self.occupant[b], self.samplers[b], self.texts[b] = question, Sampler(self.params, self.device), self.new_text()
         self.finish[b], self.done[b], self.answered[b] = "length", False, False
 
+    # every per-row list, with the value a free row holds (done and handed on, until a question is seated in it)
+    _FREE_ROW = {"occupant": None, "samplers": None, "texts": None, "finish": "length", "done": True, "answered": True,
+                 "first_token": 0.0, "ended": 0.0, "last": 0}
+
     def widen(self, width: int) -> None:
-        """Rows added up to ``width`` (from none, at the start), free (done and handed on) until a question is seated in
-        them."""
+        """Rows added up to ``width`` (from none, at the start), free until a question is seated in them."""
         more = width - len(self.occupant)
-        self.occupant += [None] * more
-        self.samplers += [None] * more
-        self.texts += [None] * more
-        self.finish += ["length"] * more
-        self.done += [True] * more
-        self.answered += [True] * more
-        self.first_token += [0.0] * more
-        self.ended += [0.0] * more
-        self.last += [0] * more
+        for name, free in self._FREE_ROW.items():
+            getattr(self, name).extend([free] * more)
 
     def keep(self, rows: list[int]) -> None:
         """Only ``rows`` stay, renumbered ``0 .. len(rows) - 1`` in that order (a batch narrowed to its live rows)."""
-        for name in ("occupant", "samplers", "texts", "finish", "done", "answered", "first_token", "ended", "last"):
+        for name in self._FREE_ROW:
             values = getattr(self, name)
             setattr(self, name, [values[b] for b in rows])
 
